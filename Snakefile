@@ -13,8 +13,11 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
     input:
         "results/table1.csv",
+        [f"results/ablation_{a}.csv" for a in ABLATIONS],
+        all_figures(),

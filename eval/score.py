@@ -224,12 +224,15 @@ def score_samples(npz_path: str | os.PathLike, out_dir: str | os.PathLike, metri
     images, labels, quant = load_samples(npz_path, n_max)
     res = compute_metrics(images, labels, metrics, extractor=extractor, ref_stats_path=ref_stats_path,
                           classifier_path=classifier_path, config=config, captions=captions)
+    from tfd.utils import git_commit, package_versions
+
     out_dir = Path(out_dir)
     records = {}
+    made_by = {"git_commit": git_commit(), "versions": package_versions()}
     for name, (value, prov) in res.items():
         rec = {"metric": name, "value": float(value), "n": int(len(images)),
                "provenance": {**prov, "samples": str(npz_path), "samples_sha256": file_sha256(npz_path),
-                              "quantisation": quant, "n_max": n_max}}
+                              "quantisation": quant, "n_max": n_max, **made_by}}
         _write_json_atomic(out_dir / f"{name}.json", rec)
         records[name] = rec
     return records

@@ -60,3 +60,56 @@ def test_schema_validates_and_rejects(root):
     d["benchmarks"]["digits"]["eval"]["metricz"] = []
     with pytest.raises(Exception, match="metricz"):
         validate(d, str(root / "workflow/schemas/config.schema.yaml"))
+
+
+def test_check_names_bad_method_params_and_train_keys(root):
+    d = _cfg(root)
+    d["benchmarks"]["digits"]["runs"]["tfd"]["params"]["radi"] = [0.1]
+    d["benchmarks"]["digits"]["runs"]["dmd2"]["train"]["stepz"] = 3
+    with pytest.raises(ConfigError) as e:
+        check(from_dict(Config, d, "config"))
+    assert "runs.tfd.params" in str(e.value) and "radi" in str(e.value) and "stepz" in str(e.value)
+
+
+def test_ablations_expand_into_runs(root):
+    b = load_config(root / "config.yaml").bench()
+    noise = b.ablations["feature_noise"]
+    assert [label for label, _ in noise.variants] == ["0", "0.02", "0.1", "0.5"]
+    runs = dict(noise.variants)
+    assert runs["0.1"] == "tfd"  # the base value is the base run: not trained twice
+    assert b.runs[runs["0"]].params["feature_noise"] == 0.0
+    assert {k: v for k, v in b.runs[runs["0"]].params.items() if k != "feature_noise"} == \
+        {k: v for k, v in b.runs["tfd"].params.items() if k != "feature_noise"}
+    assert b.runs[runs["0"]].train == b.runs["tfd"].train
+    # every variant of every sweep is a run; equal settings share one
+    names = [r for a in b.ablations.values() for _, r in a.variants]
+    assert all(n in b.runs for n in names)
+    assert dict(b.ablations["layers"].variants)["enc:2+enc:5+bottleneck+dec:6+dec:10"] == "tfd"
+
+
+def test_ablation_overrides_apply_to_every_variant(root):
+    d = _cfg(root)
+    d["benchmarks"]["digits"]["ablations"] = {"lr": {
+        "base": "tfd", "key": "train.lr", "values": [1e-4, 3e-4], "labels": ["low", "high"],
+        "overrides": {"train": {"steps": 50}, "params": {"n_gen": 4}}}}
+    b = check(from_dict(Config, d, "config")).bench()
+    (l0, r0), (l1, r1) = b.ablations["lr"].variants
+    assert (l0, r0, l1, r1) == ("low", "lr__low", "high", "lr__high")
+    assert b.runs[r1].train["lr"] == 3e-4 and b.runs[r1].train["steps"] == 50 and b.runs[r1].params["n_gen"] == 4
+    assert b.runs["tfd"].train["steps"] == 1000  # the base run itself is untouched
+
+
+@pytest.mark.parametrize("abl,match", [
+    ({"base": "nope", "key": "params.feature_noise", "values": [0.0]}, "nope"),
+    ({"base": "teacher_ode", "key": "params.feature_noise", "values": [0.0]}, "sampler row"),
+    ({"base": "tfd", "key": "feature_noise", "values": [0.0]}, "params.<name>"),
+    ({"base": "tfd", "key": "params.feature_noise", "values": [0.0, 0.1], "labels": ["a"]}, "labels"),
+    ({"base": "tfd", "key": "params.feature_noise", "values": [0.0], "overrides": {"parms": {}}}, "parms"),
+    ({"base": "tfd", "key": "params.feture_noise", "values": [0.0]}, "feture_noise"),
+])
+def test_bad_ablations_are_named(root, abl, match):
+    d = _cfg(root)
+    d["benchmarks"]["digits"]["ablations"] = {"sweep": abl}
+    with pytest.raises(ConfigError, match=match) as e:
+        check(from_dict(Config, d, "config"))
+    assert "sweep" in str(e.value)

@@ -108,12 +108,30 @@ def cmd_score(args):
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
+def _manifest_inputs(args) -> dict:
+    return {k: v for k, v in (("teacher", args.teacher), ("ref_stats", args.ref_stats),
+                              ("feature_net", args.feature_net)) if v}
+
+
 def cmd_table(args):
-    from tfd.tables import write_convergence, write_table1
+    from tfd.tables import write_convergence, write_manifest, write_table1
     cfg, b = _cfg(args)
     df = write_table1(cfg, args.results_dir, args.out)
     if args.convergence:
         write_convergence(cfg, args.results_dir, args.convergence)
+    if args.manifest:
+        write_manifest(cfg, args.results_dir, list(df["run"]), args.manifest, table=args.out,
+                       config_file=args.config, extra_files=_manifest_inputs(args))
+    print(df.to_string(index=False))
+
+
+def cmd_ablation(args):
+    from tfd.tables import write_ablation, write_manifest
+    cfg, b = _cfg(args)
+    df = write_ablation(cfg, args.results_dir, args.name, args.out, args.curves)
+    if args.manifest:
+        write_manifest(cfg, args.results_dir, list(dict.fromkeys(df["run"])), args.manifest, table=args.out,
+                       config_file=args.config, extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
 
 
@@ -176,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results-dir", default="results")
     s.add_argument("--convergence", default=None, help="also write the runs' convergence records to this csv")
     s.add_argument("--out", required=True)
+    s2 = add("ablation", cmd_ablation, "render results/ablation_<name>.csv (best FID within each update budget)")
+    s2.add_argument("--name", required=True, help="ablation name under benchmarks.<bench>.ablations")
+    s2.add_argument("--results-dir", default="results")
+    s2.add_argument("--out", required=True)
+    s2.add_argument("--curves", default=None, help="also write the variants' convergence records to this csv")
+    for t in (s, s2):
+        t.add_argument("--manifest", default=None, help="write the table's provenance manifest (json) here")
+        t.add_argument("--teacher", default=None, help="(manifest) teacher weights the runs used")
+        t.add_argument("--ref-stats", default=None, help="(manifest) reference statistics")
+        t.add_argument("--feature-net", default=None, help="(manifest) feature network weights")
+    from tfd.figures import add_figure_parser
+    add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP
     s = sub.add_parser("convert-edm", help="convert an EDM .pkl to safetensors", description=CONVERT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,6 +6,7 @@ is what the `tfd` CLI uses, so a misspelt key fails before any work, naming the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,81 @@ class RunCfg:
 
 
 @dataclass
+class DiversityCfg:
+    """Sample-diversity figure of an ablation (the paper's Figure 3): for each class, the first
+    `per_class` samples of every variant, titled with their max pairwise SSIM."""
+    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    per_class: int = 8
+
+
+@dataclass
+class AblationCfg:
+    """A sweep over one setting of a run (the TFD paper's Tables 4-7 and Figure 4). The DAG trains
+    one run per value and renders `results/ablation_<name>.csv` (best FID no later than each update
+    budget, from the runs' convergence records, as the paper reports) and a figure of the curves.
+    A variant whose settings equal an existing run's (e.g. the base value) reuses that run."""
+    base: str                                                  # the run whose block is varied
+    key: str                                                   # params.<name> or train.<name>
+    values: list[Any]
+    labels: list[str] = field(default_factory=list)            # one per value (default: the value)
+    budgets: list[int] = field(default_factory=list)           # update budgets (default: the runs' steps)
+    overrides: dict[str, Any] = field(default_factory=dict)    # {train: {...}, params: {...}} for every variant
+    title: Optional[str] = None
+    diversity: Optional[DiversityCfg] = None
+    # [(label, run name)] per value, filled in by the expansion (not a config key)
+    variants: list[tuple[str, str]] = field(default_factory=list, init=False)
+
+
+def _value_label(v) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _run_key(run: "RunCfg") -> str:
+    """What makes two runs the same training run (not their label or paper numbers)."""
+    import json
+    d = dataclasses.asdict(run)
+    d.pop("label"), d.pop("paper")
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> list[tuple[str, str]]:
+    """Add one run per value of the sweep to `runs` (named `<ablation>__<value>`), reusing any
+    run with the same settings; -> [(label, run name)]."""
+    w = f"ablations.{name}"
+    if abl.base not in runs:
+        raise ValueError(f"{w}.base: run {abl.base!r} is not defined in runs")
+    base = runs[abl.base]
+    if base.method in SAMPLER_METHODS:
+        raise ValueError(f"{w}.base: {abl.base!r} is a sampler row ({base.method}), not a training run")
+    section, _, leaf = abl.key.partition(".")
+    if section not in ("params", "train") or not leaf or "." in leaf:
+        raise ValueError(f"{w}.key: {abl.key!r} must be params.<name> or train.<name>")
+    if abl.labels and len(abl.labels) != len(abl.values):
+        raise ValueError(f"{w}.labels: {len(abl.labels)} labels for {len(abl.values)} values")
+    if not abl.values:
+        raise ValueError(f"{w}.values: empty")
+    unknown = sorted(set(abl.overrides) - {"train", "params"})
+    if unknown:
+        raise ValueError(f"{w}.overrides: unknown key {unknown[0]!r} (valid keys: params, train)")
+    by_key = {_run_key(r): n for n, r in runs.items()}
+    out = []
+    for i, value in enumerate(abl.values):
+        label = abl.labels[i] if abl.labels else _value_label(value)
+        block = deep_update(dataclasses.asdict(base), abl.overrides)
+        block[section] = {**block[section], leaf: value}
+        block.update(label=f"{abl.title or name}: {label}", paper={})
+        run = from_dict(RunCfg, block, f"{w}.values[{i}]")
+        rname = by_key.get(_run_key(run))
+        if rname is None:
+            stem = f"{name}__" + (re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or str(i))
+            rname = stem if stem not in runs else f"{stem}_{i}"
+            runs[rname] = run
+            by_key[_run_key(run)] = rname
+        out.append((label, rname))
+    return out
+
+
+@dataclass
 class BenchmarkCfg:
     data: DataCfg = field(default_factory=DataCfg)
     num_classes: int = 10
@@ -169,6 +245,11 @@ class BenchmarkCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     runs: dict[str, RunCfg] = field(default_factory=dict)
     table1: list[str] = field(default_factory=list)         # run names, in table order
+    ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
+
+    def __post_init__(self):
+        for name, abl in self.ablations.items():  # adds the sweeps' runs to `runs`
+            abl.variants = expand_ablation(self.runs, name, abl)
 
 
 @dataclass
@@ -202,10 +283,23 @@ def check(cfg: Config) -> Config:
         if r not in b.runs:
             problems.append(f"{w}.table1: run {r!r} is not defined in {w}.runs")
     from tfd.methods import METHODS  # registry check (late import: methods import torch)
+    from tfd.trainer import TrainCfg
     for rname, run in b.runs.items():
-        if run.method not in SAMPLER_METHODS and run.method not in METHODS:
+        if run.method in SAMPLER_METHODS:
+            continue
+        if run.method not in METHODS:
             problems.append(f"{w}.runs.{rname}.method: unknown method {run.method!r} "
                             f"(known: {', '.join(sorted(SAMPLER_METHODS) + sorted(METHODS))})")
+            continue
+        for section, cls in (("params", METHODS[run.method].Params), ("train", TrainCfg)):
+            try:
+                from_dict(cls, getattr(run, section), f"{w}.runs.{rname}.{section}")
+            except ConfigError as e:
+                problems.append(str(e))
+    for aname, abl in b.ablations.items():
+        for bud in abl.budgets:
+            if bud < 0:
+                problems.append(f"{w}.ablations.{aname}.budgets: {bud} is negative")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else
                           f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))

@@ -2,6 +2,7 @@
 benchmark is the paper's, the paper's reported numbers in separate `paper_*` columns."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pandas as pd
 
 from tfd.config import Config
 from tfd.runs import run_nfe
-from tfd.utils import atomic_write_text
+from tfd.utils import atomic_write_json, atomic_write_text, provenance
 
 
 def run_dir(results_dir, bench: str, method: str, run: str) -> Path:
@@ -45,38 +46,152 @@ def read_convergence(d: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
+def _fid(rec: dict):
+    return next((v for k, v in rec.items() if k.startswith("fid") and not k.endswith("_n")), None)
+
+
 def updates_to_reach(curve: list[dict], threshold: float):
     """First training iteration at which the recorded FID is <= threshold (None: never, or no record)."""
     for rec in curve:
-        fid = next((v for k, v in rec.items() if k.startswith("fid") and not k.endswith("_n")), None)
+        fid = _fid(rec)
         if fid is not None and fid <= threshold:
             return rec["step"]
     return None
 
 
-def write_table1(cfg: Config, results_dir, out) -> pd.DataFrame:
-    b = cfg.bench()
-    df = pd.DataFrame([collect_row(cfg, results_dir, r) for r in (b.table1 or list(b.runs))])
+def best_within(curve: list[dict], budget: int):
+    """Best (lowest) recorded FID no later than `budget` updates: the paper's budgeted FID
+    (Tables 4-7, "the best FID observed no later than the specified update budget")."""
+    fids = [_fid(r) for r in curve if r["step"] <= budget and _fid(r) is not None]
+    return min(fids) if fids else None
+
+
+def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
     for c in df.columns:
         if df[c].dtype == float and c not in ("train_wall_s",):
             df[c] = df[c].round(4)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, df.to_csv(index=False))
+    atomic_write_text(out.with_suffix(".md"), note + "\n\n" + df.to_markdown(index=False) + "\n")
+
+
+def write_table1(cfg: Config, results_dir, out) -> pd.DataFrame:
+    b = cfg.bench()
+    df = pd.DataFrame([collect_row(cfg, results_dir, r) for r in (b.table1 or list(b.runs))])
     note = (f"Benchmark `{cfg.benchmark}`. Measured by this suite"
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
-    atomic_write_text(out.with_suffix(".md"), note + "\n\n" + df.to_markdown(index=False) + "\n")
+    _write_csv_md(df, out, note)
     return df
 
 
 def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
-    """All runs' convergence records in one long table (run, step, generator_updates, wall, fid)."""
+    """All runs' convergence records in one long table (run, label, step, generator_updates, wall, fid)."""
     b = cfg.bench()
     rows = []
     for name in (b.table1 or list(b.runs)):
-        for rec in read_convergence(run_dir(results_dir, cfg.benchmark, b.runs[name].method, name)):
-            rows.append({"run": name, **rec})
+        run = b.runs[name]
+        for rec in read_convergence(run_dir(results_dir, cfg.benchmark, run.method, name)):
+            rows.append({"run": name, "label": run.label or name, **rec})
     df = pd.DataFrame(rows)
     atomic_write_text(out, df.to_csv(index=False))
     return df
+
+
+def ablation_budgets(cfg: Config, name: str) -> list[int]:
+    b = cfg.bench()
+    abl = b.ablations[name]
+    return abl.budgets or sorted({int(b.runs[r].train.get("steps", 1000)) for _, r in abl.variants})
+
+
+def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) -> pd.DataFrame:
+    """`results/ablation_<name>.csv` (+ .md): per variant the best FID of its convergence record no
+    later than each update budget (the paper's Tables 4-7), then the final generator's metrics on
+    the full evaluation set; `curves_out`: the variants' convergence records (long format)."""
+    b = cfg.bench()
+    if name not in b.ablations:
+        raise ValueError(f"unknown ablation {name!r} (configured: {', '.join(sorted(b.ablations)) or 'none'})")
+    abl = b.ablations[name]
+    budgets = ablation_budgets(cfg, name)
+    rows, curves = [], []
+    for label, rname in abl.variants:
+        run = b.runs[rname]
+        d = run_dir(results_dir, cfg.benchmark, run.method, rname)
+        curve = read_convergence(d)
+        fid_name = next((k for r in curve for k in r if k.startswith("fid") and not k.endswith("_n")), "fid")
+        row = {"ablation": name, "variant": label, "run": rname}
+        for bud in budgets:
+            row[f"best_{fid_name}@{bud}"] = best_within(curve, bud)
+        train = d / "train.json"
+        row["updates"] = json.loads(train.read_text()).get("updates") if train.is_file() else None
+        for metric in b.eval.metrics:
+            f = d / "metrics" / f"{metric}.json"
+            row[f"final_{metric}"] = json.loads(f.read_text())["value"] if f.is_file() else None
+        rows.append(row)
+        curves += [{"ablation": name, "variant": label, "run": rname, **rec} for rec in curve]
+    df = pd.DataFrame(rows)
+    conv_n = b.eval.convergence_samples
+    note = (f"Ablation `{name}` ({abl.title or abl.key}), benchmark `{cfg.benchmark}`, base run `{abl.base}`, "
+            f"varying `{abl.key}`. Measured by this suite. `best_<fid>@N`: the lowest FID of the run's "
+            f"convergence record ({conv_n} samples, every train.eval_every updates) no later than N updates, "
+            f"as the paper reports its ablations; `final_*`: the final generator on eval.num_samples "
+            f"= {b.eval.num_samples} samples. One training seed per variant.")
+    _write_csv_md(df, out, note)
+    if curves_out:
+        atomic_write_text(curves_out, pd.DataFrame(curves).to_csv(index=False))
+    return df
+
+
+def _file_entry(path: Path) -> dict:
+    if not path.is_file():
+        return {"path": str(path), "exists": False}
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str, config_file=None,
+                   extra_files: dict | None = None) -> dict:
+    """Provenance of a table (`<table>.manifest.json`): for every row's run its config block, seeds,
+    the files it was computed from (sha256) and the git commit / versions each of them recorded
+    when it was made; plus the config file, the commit and package versions now."""
+    from dataclasses import asdict
+
+    b = cfg.bench()
+    entries = {}
+    for rname in runs:
+        run = b.runs[rname]
+        d = run_dir(results_dir, cfg.benchmark, run.method, rname)
+        files = {"samples": _file_entry(d / "samples.npz")}
+        made_by = {}
+        if run.method not in ("heun", "onestep"):
+            files.update(generator=_file_entry(d / "generator.safetensors"), train=_file_entry(d / "train.json"),
+                         checkpoint=_file_entry(d / "ckpt" / "training-state.pt"),
+                         convergence=_file_entry(d / "convergence.jsonl"), stats=_file_entry(d / "stats.jsonl"))
+            if (d / "train.json").is_file():
+                t = json.loads((d / "train.json").read_text())
+                made_by["train"] = {k: t.get(k) for k in ("git_commit", "versions", "host", "time")}
+        metrics = {}
+        for metric in b.eval.metrics:
+            f = d / "metrics" / f"{metric}.json"
+            metrics[metric] = _file_entry(f)
+            if f.is_file():
+                m = json.loads(f.read_text())
+                metrics[metric]["value"] = m.get("value")
+                p = m.get("provenance", {})
+                made_by.setdefault("metrics", {k: p.get(k) for k in ("git_commit", "versions")})
+        train_seed = run.train.get("seed", 0) if run.method not in ("heun", "onestep") else None
+        entries[rname] = {"method": run.method, "label": run.label, "dir": str(d), "config": asdict(run),
+                          "seeds": {"train": train_seed, "eval_base_seed": b.eval.base_seed,
+                                    "eval_num_samples": b.eval.num_samples,
+                                    "rule": "image i: seed eval_base_seed + i, class i % num_classes"},
+                          "files": files, "metrics": metrics, "made_by": made_by}
+    manifest = {"table": str(table), "benchmark": cfg.benchmark, "rows": list(runs),
+                "config_file": _file_entry(Path(config_file)) if config_file else None,
+                "teacher": asdict(b.teacher), "eval": asdict(b.eval),
+                "inputs": {k: _file_entry(Path(v)) for k, v in (extra_files or {}).items()},
+                "written_by": provenance(), "runs": entries}
+    atomic_write_json(out, manifest)
+    return manifest

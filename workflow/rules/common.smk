@@ -1,6 +1,8 @@
 # Paths, input functions and the resolved config shared by every rule.
+import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -36,7 +38,10 @@ if workflow.is_main_process:  # jobs re-parse this file; the main process has ch
 
 BENCH = config["benchmark"]
 B = config["benchmarks"][BENCH]
-RUNS = B["runs"]
+# the typed config expands the ablation sweeps into runs (tfd.config.expand_ablation), as the CLI does
+TYPED = from_dict(Config, config, "config").bench(BENCH)
+RUNS = {name: dataclasses.asdict(run) for name, run in TYPED.runs.items()}
+ABLATIONS = TYPED.ablations
 SAMPLER_METHODS = ("heun", "onestep")
 EVAL = B.get("eval", {})
 NUM_SHARDS = int(EVAL.get("shards", 1))
@@ -102,8 +107,13 @@ def table1_runs():
     return B.get("table1") or list(RUNS)
 
 
+def ablation_runs(name):
+    return list(dict.fromkeys(run for _, run in ABLATIONS[name].variants))
+
+
 wildcard_constraints:
-    method="|".join(sorted({r["method"] for r in RUNS.values()})),
-    run="|".join(sorted(RUNS)),
+    method="|".join(sorted({re.escape(r["method"]) for r in RUNS.values()})),
+    run="|".join(sorted(map(re.escape, RUNS))),
+    ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
     k=r"\d+",
     n=r"\d+",

@@ -1,14 +1,53 @@
-# Tables from metric files.
+# Tables from metric files, each with a provenance manifest beside it.
+
+
+def manifest_inputs(wildcards, input):
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("teacher", "ref_stats", "feature_net")
+                    if k in input.keys() and input[k])
+
+
+def run_outputs(runs):
+    """A table's inputs: each run's metric files and, for training runs, train.json."""
+    return ([f for r in runs for f in metric_files(r)]
+            + [f"{run_dir(r)}/train.json" for r in runs if RUNS[r]["method"] not in SAMPLER_METHODS])
+
 
 rule table1:
     input:
-        [metric_files(r) for r in table1_runs()],
-        [f"{run_dir(r)}/train.json" for r in table1_runs() if RUNS[r]["method"] not in SAMPLER_METHODS],
+        run_outputs(table1_runs()),
+        teacher=teacher_file(),
+        ref_stats=ref_stats_file(),
+        feature_net=feature_net_file(),
     output:
-        csv="results/table1.csv",
+        csv=report("results/table1.csv", caption="../report/table1.rst", category="1. Tables"),
         md="results/table1.md",
         conv="results/convergence.csv",
+        manifest="results/table1.manifest.json",
+    params:
+        inputs=manifest_inputs,
     log:
         f"logs/{BENCH}/table1.log",
     shell:
-        "OMP_NUM_THREADS={threads} tfd table --config {CFG} --no-progress --out {output.csv} --convergence {output.conv} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tfd table --config {CFG} --no-progress --out {output.csv} --convergence {output.conv} "
+        "--manifest {output.manifest} {params.inputs} > {log} 2>&1"
+
+
+rule ablation_table:
+    input:
+        lambda wc: run_outputs(ablation_runs(wc.ablation)),
+        teacher=teacher_file(),
+        ref_stats=ref_stats_file(),
+        feature_net=feature_net_file(),
+    output:
+        csv=report("results/ablation_{ablation}.csv", caption="../report/ablation_table.rst", category="2. Ablations",
+                   subcategory="{ablation}"),
+        md="results/ablation_{ablation}.md",
+        curves="results/ablation_{ablation}_curves.csv",
+        manifest="results/ablation_{ablation}.manifest.json",
+    params:
+        inputs=manifest_inputs,
+    log:
+        f"logs/{BENCH}/ablation_{{ablation}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} tfd ablation --config {CFG} --no-progress --name {wildcards.ablation} --out {output.csv} "
+        "--curves {output.curves} --manifest {output.manifest} {params.inputs} > {log} 2>&1"

@@ -1,0 +1,381 @@
+"""Figures rendered from result files (the TFD paper's Figures 2-4 and sample grids).
+
+Every figure is drawn only from what its input files hold, and written as both `<stem>.png`
+(150 dpi) and `<stem>.pdf`, each atomically (temp file in the same folder, then `os.replace`).
+
+    convergence  FID vs training iterations per run, first crossings of FID thresholds (Fig. 2)
+    samples      a grid of generated samples: one row per class, first N of each class
+    diversity    per class, one row per sample file, titled with the row's max pairwise SSIM (Fig. 3)
+    ablation     FID vs training iterations per ablation variant, budgets marked (Fig. 4)
+
+Command line: `tfd figure <kind> ...` (via `add_figure_parser`) or `python -m tfd.figures <kind> ...`.
+matplotlib (Agg backend) and pandas are imported only when a figure is drawn, so building the
+`tfd` parser stays cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DPI = 150
+X_LABELS = {"step": "training iterations", "generator_updates": "generator updates",
+            "train_wall_s": "training wall-clock (s)"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def _plt():
+    """pyplot on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _require(path) -> Path:
+    """The path, or FileNotFoundError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {p}")
+    return p
+
+
+def _stem(out_stem) -> Path:
+    """`out_stem` without a trailing .png/.pdf (either is accepted)."""
+    p = Path(out_stem)
+    return p.with_suffix("") if p.suffix.lower() in (".png", ".pdf") else p
+
+
+def save_figure(fig, out_stem) -> list[Path]:
+    """Write `fig` as <stem>.png and <stem>.pdf atomically, close it, return the two paths."""
+    plt = _plt()
+    stem = _stem(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for fmt in ("png", "pdf"):
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            tmp = stem.with_name(f".{stem.name}.{fmt}.tmp{os.getpid()}")
+            meta = {"CreationDate": None} if fmt == "pdf" else None  # reproducible PDFs
+            try:
+                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata=meta)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def _read_csv(path):
+    """The csv as a DataFrame (FileNotFoundError naming a missing file)."""
+    import pandas as pd
+    return pd.read_csv(_require(path))
+
+
+def fid_column(columns) -> str:
+    """The first column named `fid*` that is not a sample count (`*_n`); ValueError if none."""
+    for c in columns:
+        if str(c).startswith("fid") and not str(c).endswith("_n"):
+            return str(c)
+    raise ValueError(f"no FID column (a name starting with 'fid', not ending with '_n') in {list(columns)}")
+
+
+def _need_columns(df, cols, path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
+
+
+def first_crossing(steps, fids, threshold: float):
+    """First step (in step order) whose FID is <= threshold; None if never (NaN never crosses)."""
+    order = np.argsort(np.asarray(steps), kind="stable")
+    for i in order:
+        if fids[i] <= threshold:
+            s = steps[i]
+            return int(s) if float(s).is_integer() else float(s)
+    return None
+
+
+def load_samples(npz_path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, int labels) from a sample npz (`arr_0`, `arr_1`)."""
+    with np.load(_require(npz_path)) as d:
+        images, labels = d["arr_0"], np.asarray(d["arr_1"]).astype(np.int64)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"{npz_path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def class_indices(labels: np.ndarray, c: int, per_class: int, source="") -> np.ndarray:
+    """Indices of the first `per_class` samples of class c in file order (ValueError if none)."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    idx = np.flatnonzero(labels == c)[:per_class]
+    if len(idx) == 0:
+        raise ValueError(f"{source}: no samples of class {c}" if source else f"no samples of class {c}")
+    return idx
+
+
+def _montage(images: np.ndarray, grid: np.ndarray, pad: int = 1):
+    """Tile images[grid] (grid [rows, cols], -1 = empty cell) with `pad` px gaps.
+
+    Gaps and empty cells are masked (gray) / transparent (RGB) so they show the figure background."""
+    _, h, w, ch = images.shape
+    rows, cols = grid.shape
+    H, W = rows * (h + pad) - pad, cols * (w + pad) - pad
+    out = np.zeros((H, W, 4), np.float64)  # RGBA in [0, 1]; alpha 0 = gap
+    for r in range(rows):
+        for k in range(cols):
+            if grid[r, k] < 0:
+                continue
+            img = images[grid[r, k]].astype(np.float64) / 255.0
+            y, x = r * (h + pad), k * (w + pad)
+            out[y:y + h, x:x + w, :3] = img if ch == 3 else img[..., :1]
+            out[y:y + h, x:x + w, 3] = 1.0
+    if ch == 3:
+        return out
+    return np.ma.masked_array(out[..., 0] * 255.0, mask=out[..., 3] == 0)
+
+
+def _show(ax, images: np.ndarray, grid: np.ndarray) -> None:
+    """Draw the montage of images[grid] on ax: exact pixels, fixed 0-255 range, gray for 1 channel."""
+    plt = _plt()
+    m = _montage(images, grid)
+    if images.shape[-1] == 1:
+        cmap = plt.get_cmap("gray").with_extremes(bad=(1, 1, 1, 0))
+        ax.imshow(m, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(m, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+# ---------------------------------------------------------------- figures
+
+def plot_convergence(conv_csv, out_stem, thresholds=(), x: str = "step", title: str | None = None) -> dict:
+    """FID vs training progress for every run in `conv_csv` (the paper's Figure 2).
+
+    Columns: run, optional label (legend; else run), step, generator_updates, train_wall_s, the
+    FID column (see `fid_column`). Log y; a dashed line per threshold and, per run, a marker at the
+    first step with FID <= threshold. Returns {run: {threshold: first step or None}}."""
+    df = _read_csv(conv_csv)
+    fid = fid_column(df.columns)
+    _need_columns(df, ["run", "step", x], conv_csv)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    crossings = {}
+    for run, g in df.groupby("run", sort=False):
+        g = g.sort_values("step", kind="stable")
+        label = str(g["label"].dropna().iloc[0]) if "label" in g and g["label"].notna().any() else str(run)
+        (line,) = ax.plot(g[x], g[fid], marker=".", ms=3, lw=1.2, label=label)
+        steps, fids, xs = g["step"].to_numpy(), g[fid].to_numpy(float), g[x].to_numpy()
+        crossings[str(run)] = {}
+        for thr in thresholds:
+            s = first_crossing(steps, fids, thr)
+            crossings[str(run)][thr] = s
+            if s is not None:
+                i = int(np.flatnonzero(steps == s)[0])
+                ax.plot([xs[i]], [fids[i]], marker="o", ms=7, mfc="none", mew=1.5, color=line.get_color())
+    for thr in thresholds:
+        ax.axhline(thr, ls="--", lw=0.9, color="0.4", label=f"{fid} = {thr:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_ylabel(fid)
+    ax.set_title(title if title is not None else f"{fid} vs {X_LABELS.get(x, x)}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, out_stem)
+    return crossings
+
+
+def plot_sample_grid(npz_path, out_stem, title: str, classes=None, per_class: int = 10) -> np.ndarray:
+    """Rows = classes (default: all present, sorted), columns = the first `per_class` samples of
+    the class in file order. Returns the [rows, cols] sample indices shown (-1: class ran short)."""
+    images, labels = load_samples(npz_path)
+    classes = sorted(int(c) for c in np.unique(labels)) if classes is None else [int(c) for c in classes]
+    grid = np.full((len(classes), per_class), -1, np.int64)
+    short = []
+    for r, c in enumerate(classes):
+        idx = class_indices(labels, c, per_class, str(npz_path))
+        grid[r, :len(idx)] = idx
+        if len(idx) < per_class:
+            short.append(f"class {c}: n={len(idx)}")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * per_class + 0.8), max(1.5, 0.45 * len(classes) + 0.8)))
+    _show(ax, images, grid)
+    h = images.shape[1]
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(classes))], [str(c) for c in classes])
+    ax.tick_params(axis="y", length=0)
+    ax.set_ylabel("class")
+    ax.set_title(title + (f" ({', '.join(short)})" if short else ""), fontsize="medium")
+    save_figure(fig, out_stem)
+    return grid
+
+
+def plot_diversity(npz_by_label: dict, out_stem, classes, per_class: int = 8) -> dict:
+    """The paper's Figure 3: for each class, one row per sample file showing its first
+    `per_class` samples of that class, titled with the max pairwise SSIM of exactly those samples
+    (`eval.ssim.max_pairwise_ssim`). Returns {label: {class: max SSIM, None if < 2 samples}}."""
+    from eval.ssim import max_pairwise_ssim
+    loaded = {label: load_samples(p) for label, p in npz_by_label.items()}
+    classes = [int(c) for c in classes]
+    rows, out = [], {label: {} for label in loaded}
+    for c in classes:
+        for label, (images, labels) in loaded.items():
+            idx = class_indices(labels, c, per_class, str(npz_by_label[label]))
+            v = max_pairwise_ssim(images[idx], labels[idx])[1][c] if len(idx) >= 2 else None
+            out[label][c] = v
+            text = f"{label}, class {c}: max SSIM " + (f"{v:.2f}" if v is not None else "n/a")
+            if len(idx) < per_class:
+                text += f" (n={len(idx)})"
+            rows.append((images, idx, text))
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False,
+                             figsize=(max(4.0, 0.5 * per_class + 0.6), 0.78 * len(rows) + 0.3))
+    for ax, (images, idx, text) in zip(axes[:, 0], rows):
+        grid = np.full((1, per_class), -1, np.int64)
+        grid[0, :len(idx)] = idx
+        _show(ax, images, grid)
+        ax.set_title(text, fontsize="small", loc="left")
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+    return out
+
+
+def plot_ablation(curves_csv, out_stem, title: str, budgets=()) -> dict:
+    """The paper's Figure 4: FID vs training iterations per variant, one panel per `ablation`
+    (columns: ablation, variant, run, step, FID column); dotted verticals at the budgets.
+    Returns {ablation: [variants in legend order]}."""
+    df = _read_csv(curves_csv)
+    fid = fid_column(df.columns)
+    _need_columns(df, ["ablation", "variant", "run", "step"], curves_csv)
+    ablations = list(dict.fromkeys(df["ablation"]))
+    if not ablations:
+        raise ValueError(f"{curves_csv}: no rows")
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ablations), squeeze=False, figsize=(5.2 * len(ablations), 3.8))
+    shown = {}
+    for ax, abl in zip(axes[0], ablations):
+        d = df[df["ablation"] == abl]
+        shown[str(abl)] = []
+        for k, (variant, g) in enumerate(d.groupby("variant", sort=False)):
+            for j, (_, r) in enumerate(g.groupby("run", sort=False)):
+                r = r.sort_values("step", kind="stable")
+                ax.plot(r["step"], r[fid], color=f"C{k}", lw=1.2, marker=".", ms=3,
+                        label=str(variant) if j == 0 else None)
+            shown[str(abl)].append(str(variant))
+        for b in budgets:
+            ax.axvline(b, ls=":", lw=1.0, color="0.3")
+        ax.set_yscale("log")
+        ax.set_xlabel("training iterations")
+        ax.set_ylabel(fid)
+        if len(ablations) > 1:
+            ax.set_title(str(abl), fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+    return shown
+
+
+# ---------------------------------------------------------------- command line
+
+def _cmd_convergence(args):
+    res = plot_convergence(args.csv, args.out, thresholds=args.thresholds, x=args.x, title=args.title)
+    print(f"convergence figure ({len(res)} runs) -> {_stem(args.out)}.png/.pdf")
+
+
+def _cmd_samples(args):
+    grid = plot_sample_grid(args.samples, args.out, args.title, classes=args.classes, per_class=args.per_class)
+    print(f"sample grid ({grid.shape[0]} classes x {grid.shape[1]}) -> {_stem(args.out)}.png/.pdf")
+
+
+def parse_label_path(item: str) -> tuple[str, str]:
+    """'LABEL=PATH' -> (LABEL, PATH), split at the last '=' (labels may hold '=', e.g. 'λ=0')."""
+    label, sep, path = item.rpartition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"expected LABEL=NPZ, got {item!r}")
+    return label, path
+
+
+def _cmd_diversity(args):
+    res = plot_diversity(dict(args.samples), args.out, args.classes, per_class=args.per_class)
+    for label, per in res.items():
+        print(f"{label}: " + ", ".join(f"class {c} {'n/a' if v is None else f'{v:.3f}'}" for c, v in per.items()))
+    print(f"diversity figure -> {_stem(args.out)}.png/.pdf")
+
+
+def _cmd_ablation(args):
+    res = plot_ablation(args.csv, args.out, args.title, budgets=args.budgets)
+    print(f"ablation figure ({', '.join(res)}) -> {_stem(args.out)}.png/.pdf")
+
+
+def add_figure_commands(sub) -> None:
+    """Add the `convergence`, `samples`, `diversity`, `ablation` subcommands to `sub`."""
+    out_help = "output stem: writes STEM.png and STEM.pdf"
+    s = sub.add_parser("convergence", help="FID vs training iterations per run (paper Fig. 2)")
+    s.add_argument("--csv", required=True, help="convergence csv (tfd table --convergence)")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--thresholds", type=float, nargs="*", default=[], help="FID thresholds to mark")
+    s.add_argument("--x", default="step", choices=sorted(X_LABELS), help="x axis column (default: step)")
+    s.add_argument("--title", default=None)
+    s.set_defaults(fn=_cmd_convergence)
+    s = sub.add_parser("samples", help="grid of samples: a row per class")
+    s.add_argument("--samples", required=True, help="sample npz (arr_0 uint8 NHWC, arr_1 labels)")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--title", required=True)
+    s.add_argument("--classes", type=int, nargs="*", default=None, help="default: all classes present")
+    s.add_argument("--per-class", type=int, default=10)
+    s.set_defaults(fn=_cmd_samples)
+    s = sub.add_parser("diversity", help="per class, a row per sample file with its max SSIM (paper Fig. 3)")
+    s.add_argument("--samples", type=parse_label_path, nargs="+", required=True, metavar="LABEL=NPZ",
+                   help="one or more LABEL=NPZ (split at the last '=')")
+    s.add_argument("--classes", type=int, nargs="+", required=True)
+    s.add_argument("--per-class", type=int, default=8)
+    s.add_argument("--out", required=True, help=out_help)
+    s.set_defaults(fn=_cmd_diversity)
+    s = sub.add_parser("ablation", help="FID vs training iterations per ablation variant (paper Fig. 4)")
+    s.add_argument("--csv", required=True, help="long csv: ablation, variant, run, step, fid*")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--title", required=True)
+    s.add_argument("--budgets", type=float, nargs="*", default=[], help="iteration budgets to mark")
+    s.set_defaults(fn=_cmd_ablation)
+
+
+def add_figure_parser(sub) -> argparse.ArgumentParser:
+    """Add the `figure` subcommand (with its own subcommands) to an `add_subparsers()` object."""
+    p = sub.add_parser("figure", help="render a figure (PNG + PDF) from result files",
+                       description="render a figure (PNG + PDF) from result files")
+    add_figure_commands(p.add_subparsers(dest="figure", required=True))
+    return p
+
+
+def main(argv=None) -> None:
+    """`python -m tfd.figures <convergence|samples|diversity|ablation> ...` (a leading `figure` is allowed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["figure"]:
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="python -m tfd.figures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_figure_commands(p.add_subparsers(dest="figure", required=True))
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"tfd figure {args.figure}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
