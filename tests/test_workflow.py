@@ -30,6 +30,7 @@ def tiny_config() -> dict:
             else:
                 run["params"]["batch_size"] = 6
     abl = d["ablations"]
+    del abl["seed"]  # same code path as the others
     abl["layers"]["values"] = [["bottleneck"], ["enc:1", "bottleneck", "dec:5"]]
     abl["feature_noise"]["values"] = [0.0, 0.1]
     for a in abl.values():
