@@ -117,7 +117,7 @@ def check_report(root, cfg):
     r = snakemake(root, "--report", "results/report.html")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     html = (root / "results/report.html").read_text()
-    for name in ["table1.csv", "ablation_layers.csv", "convergence.png", "diversity_lambda_anchor.png", "samples_tfd.png"]:
+    for name in ["table1.html", "ablation_layers.html", "convergence.png", "diversity_lambda_anchor.png", "samples_tfd.png"]:
         assert name in html, name
 
 

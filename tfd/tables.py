@@ -66,13 +66,25 @@ def best_within(curve: list[dict], budget: int):
     return min(fids) if fids else None
 
 
+HTML_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:12px} p{max-width:60em} "
+              "table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;text-align:right} "
+              "th{background:#eee} td:nth-child(-n+2){text-align:left}")
+
+
 def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
+    """`out` (csv), and beside it `.md` and `.html` (the report shows the html) with the note."""
+    import html
+
     for c in df.columns:
         if df[c].dtype == float and c not in ("train_wall_s",):
             df[c] = df[c].round(4)
     out = Path(out)
     atomic_write_text(out, df.to_csv(index=False))
     atomic_write_text(out.with_suffix(".md"), note + "\n\n" + df.to_markdown(index=False) + "\n")
+    atomic_write_text(out.with_suffix(".html"),
+                      f"<!doctype html><meta charset='utf-8'><title>{html.escape(out.name)}</title>"
+                      f"<style>{HTML_STYLE}</style><p>{html.escape(note)}</p>"
+                      + df.to_html(index=False, na_rep="", border=0) + "\n")
 
 
 def write_table1(cfg: Config, results_dir, out) -> pd.DataFrame:

@@ -19,8 +19,9 @@ rule table1:
         ref_stats=ref_stats_file(),
         feature_net=feature_net_file(),
     output:
-        csv=report("results/table1.csv", caption="../report/table1.rst", category="1. Tables"),
+        csv="results/table1.csv",
         md="results/table1.md",
+        html=report("results/table1.html", caption="../report/table1.rst", category="1. Tables"),
         conv="results/convergence.csv",
         manifest="results/table1.manifest.json",
     params:
@@ -39,9 +40,10 @@ rule ablation_table:
         ref_stats=ref_stats_file(),
         feature_net=feature_net_file(),
     output:
-        csv=report("results/ablation_{ablation}.csv", caption="../report/ablation_table.rst", category="2. Ablations",
-                   subcategory="{ablation}"),
+        csv="results/ablation_{ablation}.csv",
         md="results/ablation_{ablation}.md",
+        html=report("results/ablation_{ablation}.html", caption="../report/ablation_table.rst", category="2. Ablations",
+                    subcategory="{ablation}"),
         curves="results/ablation_{ablation}_curves.csv",
         manifest="results/ablation_{ablation}.manifest.json",
     params:
