@@ -19,5 +19,6 @@ include: "workflow/rules/figures.smk"
 rule all:
     input:
         "results/table1.csv",
-        [f"results/ablation_{a}.csv" for a in ABLATIONS],
+        "results/table1.html",
+        [f"results/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("csv", "html")],
         all_figures(),
