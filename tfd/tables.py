@@ -67,8 +67,8 @@ def best_within(curve: list[dict], budget: int):
 
 
 HTML_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:12px} p{max-width:60em} "
-              "table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;text-align:right} "
-              "th{background:#eee} td:nth-child(-n+2){text-align:left}")
+              "table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;text-align:left} "
+              "th{background:#eee}")
 
 
 def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
@@ -76,7 +76,9 @@ def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
     import html
 
     for c in df.columns:
-        if df[c].dtype == float and c not in ("train_wall_s",):
+        if c in ("nfe", "updates", "generator_updates") or c.startswith("updates_to_"):
+            df[c] = df[c].astype("Int64")  # counts with gaps stay integers: 200, not 200.0
+        elif df[c].dtype == float and c not in ("train_wall_s",):
             df[c] = df[c].round(4)
     out = Path(out)
     atomic_write_text(out, df.to_csv(index=False))
