@@ -2,7 +2,6 @@
 benchmark is the paper's, the paper's reported numbers in separate `paper_*` columns."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -157,13 +156,11 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
 
 
 def _file_entry(path: Path) -> dict:
+    from eval.features import file_sha256
+
     if not path.is_file():
         return {"path": str(path), "exists": False}
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str, config_file=None,
