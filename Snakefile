@@ -1,5 +1,6 @@
 # One-step diffusion distillation benchmark: teacher -> distillation runs -> samples -> scores -> tables.
-# `snakemake --cores 2 results/table1.csv` runs the embedded `digits` benchmark on a CPU.
+# `snakemake --cores 2 results/table1.csv` runs the embedded `digits` benchmark on a CPU; `snakemake --cores 2 all publish`
+# also copies its tables and figures to docs/results/; `--configfile .test/config.yaml` runs the tiny test DAG.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -14,6 +15,7 @@ include: "workflow/rules/distill.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/publish.smk"
 
 
 rule all:

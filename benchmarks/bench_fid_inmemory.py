@@ -43,9 +43,9 @@ def main(argv=None):
 
 
 def _run(args, tmp: Path) -> int:
+    import torch_fidelity
     from PIL import Image
 
-    import torch_fidelity
     from eval.digits_net import train_digits_net
     from eval.features import TORCH_FIDELITY_DIGITS, get_extractor, quantise_edm
     from eval.fid import feature_stats, frechet_distance
@@ -57,7 +57,7 @@ def _run(args, tmp: Path) -> int:
         t = time.time()
         info = train_digits_net(net, seed=0)
         print(f"trained digits net -> {net}: held-out acc {info['test_acc']:.4f} in {time.time() - t:.1f} s")
-    ext = get_extractor("digits", {"digits_net_path": str(net)})
+    ext = get_extractor("digits", {"digits_weights_path": str(net)})
 
     # real reference: all 1,797 digits, quantised like samples
     xr = torch.from_numpy(digits_arrays("all")[0])

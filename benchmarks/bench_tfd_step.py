@@ -13,10 +13,11 @@ import time
 import torch
 
 from tfd.config import load_config
+from tfd.denoiser import EDMDenoiser, load_denoiser
 from tfd.losses import anchor_margin_loss, drifting_loss
+from tfd.methods import input_sigma
 from tfd.networks.edm import EDMPrecond, digits_unet_kwargs
 from tfd.runs import build_method
-from tfd.teacher import Teacher, load_teacher
 
 
 def main():
@@ -29,9 +30,9 @@ def main():
     cfg = load_config(args.config)
     b = cfg.bench()
     if args.teacher:
-        teacher = load_teacher(args.teacher)
+        teacher = load_denoiser(args.teacher)
     else:
-        teacher = Teacher(EDMPrecond(**digits_unet_kwargs(**b.teacher.arch_overrides)))
+        teacher = EDMDenoiser(EDMPrecond(**digits_unet_kwargs(**b.teacher.arch_overrides)))
     m = build_method(b, args.run, teacher)
     p = m.params
     opt = torch.optim.AdamW(m.generator.parameters(), lr=1e-6)
@@ -43,14 +44,14 @@ def main():
 
     # pooled features of one batch, for the losses alone
     batch = m.make_batch()
-    G, Ng, Nr = p.groups, p.n_gen, p.n_pos + p.n_anchor
+    G, Ng, Nr = p.groups_per_rank, p.n_gen, p.n_pos + p.n_anchor
+    s = input_sigma(p, m.generator)
     with torch.no_grad():
-        x = m.generator(batch["z"].flatten(0, 1) * p.sigma_max, torch.full([G * Ng, 1, 1, 1], p.sigma_max),
-                        torch.nn.functional.one_hot(batch["classes"].repeat_interleave(Ng), teacher.num_classes).float())
+        x = m.generator.denoise(batch["z"].flatten(0, 1) * s, s, batch["cond"].repeat_interleave(Ng))
         gf = m.teacher_features(x, batch["xi_gen"].flatten(0, 1), batch["sigma_f"].repeat_interleave(Ng),
-                                batch["classes"].repeat_interleave(Ng))
+                                batch["cond"].repeat_interleave(Ng))
         rf = m.teacher_features(batch["ref"].flatten(0, 1), batch["xi_ref"].flatten(0, 1),
-                                batch["sigma_f"].repeat_interleave(Nr), batch["classes"].repeat_interleave(Nr))
+                                batch["sigma_f"].repeat_interleave(Nr), batch["cond"].repeat_interleave(Nr))
 
     def losses_only():
         for name in p.layers:

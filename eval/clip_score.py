@@ -25,6 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from eval.io import file_sha256
+
 DEFAULTS = dict(clip_model="ViT-g-14", clip_resize=256, clip_prefix="A photo depicts ")
 PAPER_TAG = "laion2b_s12b_b42k"
 PAPER_SOURCE = ("open_clip `ViT-g-14` / `laion2b_s12b_b42k` weights: Hugging Face repo "
@@ -53,8 +55,8 @@ def check_tokenizer(tokenizer, model=None) -> int:
 
 def crop_resize(img_u8_hwc: np.ndarray, size: int):
     """DMD2's `resize_and_center_crop`: center-crop the long edge, PIL LANCZOS to size x size."""
-    from PIL import Image
     import torchvision.transforms.functional as TF
+    from PIL import Image
 
     a = np.asarray(img_u8_hwc)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -65,6 +67,12 @@ def crop_resize(img_u8_hwc: np.ndarray, size: int):
 
 
 class ClipScorer:
+    """CLIP score of uint8 NHWC images against captions (see the module docstring).
+
+    `config`: the `clip_*` keys (`clip_checkpoint` required: FileNotFoundError naming the key when
+    unset or missing). `device`: where the CLIP model runs; images and tokens are moved there batch
+    by batch, cosines come back as CPU float64."""
+
     def __init__(self, config: Mapping, device: str | torch.device = "cpu"):
         import open_clip
 
@@ -91,8 +99,6 @@ class ClipScorer:
         self.device = device
         self.resize = int(cfg["clip_resize"])
         self.prefix = str(cfg["clip_prefix"])
-        from eval.features import file_sha256
-
         self.provenance = {
             "metric": "clip_score",
             "clip_model": name,
@@ -129,8 +135,8 @@ class ClipScorer:
 
 
 def clip_score(images_u8_nhwc: np.ndarray, captions: Sequence[str], config: Mapping,
-               batch_size: int = 32) -> tuple[float, np.ndarray, dict]:
-    """-> (mean cosine, per-sample cosines, provenance)."""
-    s = ClipScorer(config)
+               batch_size: int = 32, device: str | torch.device = "cpu") -> tuple[float, np.ndarray, dict]:
+    """-> (mean cosine, per-sample cosines float64 [N], provenance), the model on `device`."""
+    s = ClipScorer(config, device=device)
     c = s.cosines(images_u8_nhwc, captions, batch_size)
     return float(c.mean()), c, s.provenance

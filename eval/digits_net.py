@@ -1,9 +1,9 @@
 """The domain feature network of the embedded `digits` benchmark (8x8 grayscale, 10 classes).
 
-A small CNN classifier trained on `tfd.data.digits_arrays('train')`; its 64-d penultimate layer is
-the feature space of `fid_digits` / `precision_digits` / `recall_digits`, and its argmax is the
-classifier of `class_acc`. It plays the role Inception plays for ImageNet: frozen, versioned by the
-sha256 of its weights file, and identical for every method that is scored.
+A small CNN classifier trained on `eval.digits_data.digits_arrays('train')`; its 64-d penultimate
+layer is the feature space of `fid_digits` / `precision_digits` / `recall_digits`, and its argmax
+is the classifier of `class_acc`. It plays the role Inception plays for ImageNet: frozen, versioned
+by the sha256 of its weights file, and identical for every method that is scored.
 
 Input: float32 NCHW in [-1, 1] (a uint8 image `u8` maps to `u8 / 127.5 - 1`).
 
@@ -22,6 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from eval.digits_data import digits_arrays
+from eval.io import atomic_save_safetensors, file_sha256, read_safetensors_metadata
+from eval.sample import dequantise_edm
 
 FORMAT = "tfd-digits-net-v1"
 DAG_RULE = "digits_feature_net"
@@ -87,7 +91,7 @@ def train_digits_net(out_path: str | os.PathLike, seed: int = 0, epochs: int = 1
 
     Light augmentation: random shifts of up to `max_shift` pixels. Adam with a cosine learning-rate
     decay. Evaluated on the fixed held-out split `digits_arrays('test')`. The safetensors file is
-    written atomically (temporary file + `os.replace`). Returns `dict(test_acc, train_acc,
+    written atomically (`eval.io.atomic_save_safetensors`). Returns `dict(test_acc, train_acc,
     train_seconds, epochs, seed, path, sha256)`.
 
     `num_threads` (default 1) caps torch's intra-op threads while training: the network is so small
@@ -104,10 +108,6 @@ def train_digits_net(out_path: str | os.PathLike, seed: int = 0, epochs: int = 1
 
 
 def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch) -> dict:
-    from safetensors.torch import save_file
-
-    from tfd.data import digits_arrays
-
     t0 = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -136,7 +136,6 @@ def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch) -> 
     seconds = time.time() - t0
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "arch": json.dumps(net.arch, sort_keys=True),
@@ -145,33 +144,14 @@ def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch) -> 
         "train_acc": repr(train_acc),
         "n_test": str(len(xte)),
         "train": json.dumps(dict(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, max_shift=max_shift,
-                                 data="tfd.data.digits_arrays('train'), held-out digits_arrays('test')"),
+                                 data="eval.digits_data.digits_arrays('train'), held-out digits_arrays('test')"),
                             sort_keys=True),
         "torch": torch.__version__,
     }
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save_safetensors(state, out_path, meta)  # byte-reproducible (one sorted metadata key)
     return dict(test_acc=test_acc, train_acc=train_acc, train_seconds=seconds, epochs=epochs, seed=seed,
-                path=str(out_path), sha256=sha256_file(out_path))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+                path=str(out_path), sha256=file_sha256(out_path))
 
 
 def missing_net_error(path) -> FileNotFoundError:
@@ -183,10 +163,8 @@ def missing_net_error(path) -> FileNotFoundError:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The file's metadata (`eval.io.read_safetensors_metadata`)."""
+    return read_safetensors_metadata(path)
 
 
 def load_digits_net(path: str | os.PathLike, device: str | torch.device = "cpu") -> DigitsNet:
@@ -209,11 +187,12 @@ def load_digits_net(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def u8_to_float(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC (numpy) or NCHW (torch) -> float32 NCHW in [-1, 1] via `u8 / 127.5 - 1`."""
+    """uint8 NHWC (numpy) or NCHW (torch) -> float32 NCHW in [-1, 1] via `u8 / 127.5 - 1`
+    (`eval.sample.dequantise_edm`). TypeError for non-uint8 input."""
     if isinstance(u8, np.ndarray):
         if u8.dtype != np.uint8:
             raise TypeError(f"expected uint8 images, got {u8.dtype}")
         u8 = torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)
     if u8.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {u8.dtype}")
-    return u8.to(torch.float32) / 127.5 - 1.0
+    return dequantise_edm(u8)

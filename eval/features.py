@@ -2,14 +2,17 @@
 
 `get_extractor(name, config)` returns an object with `.name`, `.dim`, `.provenance` (a dict:
 extractor, weights file, sha256 of the weights, input resolution, preprocessing, layer, dim) and
-`.features(uint8 NHWC numpy) -> float64 [N, dim]`. `.features_in_memory(x)` takes a float torch
-batch in [-1, 1] (NCHW, straight from a generator), quantises it exactly like the sample files
-(EDM: `(x*127.5+128).clip(0,255).astype(uint8)`) and returns the same features the npz/PNG path
-gives, without writing anything.
+`.features(uint8 NHWC numpy) -> float64 [N, dim]` (a CPU numpy array). `.features_in_memory(x)`
+takes a float torch batch in [-1, 1] (NCHW, straight from a generator), quantises it exactly like
+the sample files (`eval.sample.quantise_edm`) and returns the same features the npz/PNG path gives,
+without writing anything.
+
+Every extractor runs on the device given by the config key `device` (default `cpu`; e.g. `cuda`,
+`cuda:1`): its network is moved there at construction, and inputs are moved there batch by batch.
 
 Entries (config keys in brackets):
 
-* `digits` [`digits_net_path`]: the penultimate (64-d) features of the digits feature network
+* `digits` [`digits_weights_path`]: the penultimate (64-d) features of the digits feature network
   (`eval.digits_net`). Also registered with torch-fidelity as `digits-net` (weights through
   torch-fidelity's own `feature_extractor_weights_path` kwarg), so torch-fidelity's
   `calculate_metrics(..., feature_extractor='digits-net')` runs through its real code path; and
@@ -39,32 +42,15 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from eval.digits_net import load_digits_net, missing_net_error, sha256_file
-
-QUANTISATION = "edm: u8 = (x * 127.5 + 128).clip(0, 255).astype(uint8); networks read u8 / 127.5 - 1"
+from eval.digits_net import load_digits_net, missing_net_error
+from eval.io import file_sha256, temp_path
+from eval.sample import dequantise_edm, quantise_edm
 
 TF_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 TF_INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{TF_INCEPTION_FILE}"
 CLEANFID_FILE = "inception-2015-12-05.pt"
 CLEANFID_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{CLEANFID_FILE}"
 TORCH_FIDELITY_DIGITS = "digits-net"
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so large weights are hashed once."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
-
-
-def quantise_edm(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 exactly as EDM's generate.py: `(x*127.5+128).clip(0,255).to(uint8)`."""
-    return (x.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
 
 def _as_u8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC numpy (the npz convention) or uint8 NCHW torch -> uint8 NCHW torch."""
@@ -121,13 +107,15 @@ class FeatureExtractor:
     dim: int
     provenance: dict
     batch_size: int = 256
+    device: str | torch.device = "cpu"
 
     def _features_u8(self, u8_nchw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
     def features(self, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """uint8 NHWC numpy (or uint8 NCHW torch) -> float64 numpy [N, dim]."""
+        """uint8 NHWC numpy (or uint8 NCHW torch) -> float64 numpy [N, dim] on the CPU; batches
+        of `batch_size` (default: the class's) are moved to `self.device` one at a time."""
         u8 = _as_u8_nchw(images)
         bs = batch_size or self.batch_size
         out = [self._features_u8(u8[i:i + bs]).to(torch.float64).cpu() for i in range(0, len(u8), bs)]
@@ -152,7 +140,9 @@ class FeatureExtractor:
 class DigitsExtractor(FeatureExtractor):
     batch_size = 1000
 
-    def __init__(self, weights_path: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, weights_path: str | os.PathLike, device: str | torch.device = "cpu"):
+        """`weights_path`: digits network from `train_digits_net` (FileNotFoundError naming the DAG
+        rule when absent); `device`: where the network runs."""
         self.weights_path = Path(weights_path)
         self.net = load_digits_net(self.weights_path, device=device)
         self.device = device
@@ -170,13 +160,14 @@ class DigitsExtractor(FeatureExtractor):
         }
 
     def _net_input(self, u8: torch.Tensor) -> torch.Tensor:
-        return _gray(u8).to(self.device, torch.float32) / 127.5 - 1.0
+        return dequantise_edm(_gray(u8).to(self.device))
 
     def _features_u8(self, u8):
         return self.net.features(self._net_input(u8))
 
     @torch.no_grad()
     def logits(self, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """uint8 NHWC numpy (or NCHW torch) -> the 10 class logits, float32 numpy [N, 10] on the CPU."""
         u8 = _as_u8_nchw(images)
         bs = batch_size or self.batch_size
         return torch.cat([self.net(self._net_input(u8[i:i + bs])).cpu() for i in range(0, len(u8), bs)]).numpy()
@@ -235,7 +226,7 @@ if _TFBase is not None:
         def forward(self, x):
             if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4):
                 raise TypeError("expecting uint8 images [B,C,H,W]")
-            xf = _gray(x).to(torch.float32) / 127.5 - 1.0
+            xf = dequantise_edm(_gray(x))
             feats = self.net.features(xf)
             out = {"penultimate": feats, "logits": self.net.fc2(feats)}
             return tuple(out[a].to(torch.float64) for a in self.features_list)
@@ -264,14 +255,19 @@ def _check_hash_suffix(path: Path, sha: str) -> None:
 class TorchFidelityInception(FeatureExtractor):
     batch_size = 64
 
-    def __init__(self, weights_path: str | os.PathLike, layer: str = "2048"):
+    def __init__(self, weights_path: str | os.PathLike, layer: str = "2048", device: str | torch.device = "cpu"):
+        """`weights_path`: torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`; `layer`: a
+        torch-fidelity feature name (`2048` = pool features); `device`: where the network runs
+        (torch-fidelity's `cuda=` is set from it)."""
         from torch_fidelity.utils import create_feature_extractor
 
         self.weights_path = Path(weights_path)
         sha = file_sha256(self.weights_path)
         _check_hash_suffix(self.weights_path, sha)
-        self.model = create_feature_extractor("inception-v3-compat", [layer], cuda=False, verbose=False,
-                                              feature_extractor_weights_path=str(self.weights_path))
+        self.device = device
+        self.model = create_feature_extractor("inception-v3-compat", [layer], cuda=torch.device(device).type == "cuda",
+                                              verbose=False, feature_extractor_weights_path=str(self.weights_path))
+        self.model.to(device)
         self.name = "inception"
         self.dim = {"64": 64, "192": 192, "768": 768, "2048": 2048, "logits_unbiased": 1008, "logits": 1008}[layer]
         self.provenance = {
@@ -286,7 +282,7 @@ class TorchFidelityInception(FeatureExtractor):
         }
 
     def _features_u8(self, u8):
-        return self.model(_rgb(u8).contiguous())[0]
+        return self.model(_rgb(u8).contiguous().to(self.device))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +301,7 @@ def cleanfid_model_dir(weights_path: str | os.PathLike, link_root: str | os.Path
     d.mkdir(parents=True, exist_ok=True)
     link = d / CLEANFID_FILE
     if not (link.exists() and link.resolve() == p):
-        tmp = d / f".{CLEANFID_FILE}.{os.getpid()}"
+        tmp = temp_path(link)  # an atomic symlink swap (the same temp naming as eval.io.atomic_write)
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(p, tmp)
@@ -316,7 +312,11 @@ def cleanfid_model_dir(weights_path: str | os.PathLike, link_root: str | os.Path
 class CleanFidInception(FeatureExtractor):
     batch_size = 32
 
-    def __init__(self, weights_path: str | os.PathLike, mode: str = "clean", link_root: str | os.PathLike | None = None):
+    def __init__(self, weights_path: str | os.PathLike, mode: str = "clean", link_root: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu"):
+        """`weights_path`: clean-fid's `inception-2015-12-05.pt`; `mode`: `clean` or
+        `legacy_tensorflow`; `link_root`: where the name-fixing symlink goes (see
+        `cleanfid_model_dir`); `device`: where the network runs (resizing stays on the CPU)."""
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
 
@@ -325,7 +325,8 @@ class CleanFidInception(FeatureExtractor):
         self.weights_path = Path(weights_path)
         sha = file_sha256(self.weights_path)
         self.model = InceptionV3W(str(cleanfid_model_dir(self.weights_path, link_root)), download=False,
-                                  resize_inside=(mode == "legacy_tensorflow")).eval()
+                                  resize_inside=(mode == "legacy_tensorflow")).eval().to(device)
+        self.device = device
         self.mode = mode
         self.fn_resize = build_resizer(mode)
         self.name = "clean-fid"
@@ -356,7 +357,7 @@ class CleanFidInception(FeatureExtractor):
         return torch.stack(out)
 
     def _features_u8(self, u8):
-        return self.model(self._prepare(u8))
+        return self.model(self._prepare(u8).to(self.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,9 +365,9 @@ class CleanFidInception(FeatureExtractor):
 
 
 def _build_digits(config):
-    value = (config or {}).get("digits_net_path")
+    value = (config or {}).get("digits_weights_path")
     if not value:
-        raise FileNotFoundError("config key `digits_net_path` is not set: it must point to the digits feature "
+        raise FileNotFoundError("config key `digits_weights_path` is not set: it must point to the digits feature "
                                 "network built by the DAG rule `rule digits_feature_net`")
     if not Path(value).is_file():
         raise missing_net_error(value)
@@ -377,7 +378,8 @@ def _build_inception(config):
     path = _config_path(config, "feature_extractor_weights_path",
                         f"torch-fidelity's TF-compatible Inception weights `{TF_INCEPTION_FILE}` (a torch-fidelity "
                         f"v0.2.0 release asset: {TF_INCEPTION_URL}); download it on a machine with internet access")
-    return TorchFidelityInception(path, layer=str((config or {}).get("inception_layer", "2048")))
+    return TorchFidelityInception(path, layer=str((config or {}).get("inception_layer", "2048")),
+                                  device=(config or {}).get("device", "cpu"))
 
 
 def _build_cleanfid(config):
@@ -386,7 +388,8 @@ def _build_cleanfid(config):
                         f"asset clean-fid downloads from {CLEANFID_URL} to /tmp/{CLEANFID_FILE}); copy it from "
                         f"a machine with internet access")
     return CleanFidInception(path, mode=(config or {}).get("cleanfid_mode", "clean"),
-                             link_root=(config or {}).get("cleanfid_link_dir"))
+                             link_root=(config or {}).get("cleanfid_link_dir"),
+                             device=(config or {}).get("device", "cpu"))
 
 
 EXTRACTORS: dict[str, Callable[[Mapping | None], FeatureExtractor]] = {
@@ -409,15 +412,15 @@ def get_extractor(name: str, config: Mapping | None = None) -> FeatureExtractor:
     return EXTRACTORS[name](config)
 
 
-WEIGHTS_KEY = {"digits": "digits_net_path", "inception": "feature_extractor_weights_path",
+WEIGHTS_KEY = {"digits": "digits_weights_path", "inception": "feature_extractor_weights_path",
                "clean-fid": "cleanfid_weights_path"}
 
 
 def build_extractor(name: str, weights_path: str | os.PathLike | None = None, config: Mapping | None = None,
                     **options) -> FeatureExtractor:
     """`get_extractor` with the weights file given directly: `weights_path` goes to the config key of
-    that extractor (`digits_net_path`, `feature_extractor_weights_path`, `cleanfid_weights_path`);
-    `options` are further config keys (e.g. `cleanfid_mode`)."""
+    that extractor (`digits_weights_path`, `feature_extractor_weights_path`, `cleanfid_weights_path`);
+    `options` are further config keys (e.g. `device="cuda"`, `cleanfid_mode`)."""
     cfg = dict(config or {})
     cfg.update(options)
     if weights_path is not None:

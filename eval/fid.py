@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from eval.io import atomic_savez
+
 EXTERNAL = "external"
 # provenance fields that must agree between sample features and reference statistics
 PROVENANCE_KEYS = ("extractor", "sha256", "layer", "dim", "resolution", "preprocessing", "mode")
@@ -101,18 +103,6 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
 # reference statistics files
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_ref_stats(path: str | os.PathLike, mu, sigma, provenance: dict, features: np.ndarray | None = None) -> None:
     """Write `mu`, `sigma` (float64), `provenance` (JSON string) and optionally `features`
     (float32, for precision/recall) to an npz, atomically. `provenance` should carry the
@@ -124,7 +114,7 @@ def save_ref_stats(path: str | os.PathLike, mu, sigma, provenance: dict, feature
                   provenance=np.array(json.dumps(prov, sort_keys=True)))
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
-    _atomic_savez(Path(path), **arrays)
+    atomic_savez(path, **arrays)
 
 
 def load_ref_stats(path: str | os.PathLike) -> dict:

@@ -20,6 +20,7 @@ settings are returned by `ssim_settings` and recorded in the metric's provenance
 from __future__ import annotations
 
 import warnings
+
 import numpy as np
 import torch
 
@@ -40,7 +41,8 @@ def ssim_settings(height: int, width: int, win_size: int = DEFAULT_WIN, win_sigm
         clamped = True
     return dict(win_size=int(ws), win_sigma=float(sg), clamped=clamped, requested_win_size=win_size,
                 requested_win_sigma=win_sigma, data_range=255.0, K=[0.01, 0.03], gaussian=True,
-                implementation="pytorch_msssim.ssim(size_average=False, win=float64 Gaussian), float64 images, valid-region mean",
+                implementation="pytorch_msssim.ssim(size_average=False, win=float64 Gaussian), float64 images, "
+                               "valid-region mean",
                 rule="win_size clamped to the largest odd <= min(H, W); win_sigma scaled by the same ratio")
 
 

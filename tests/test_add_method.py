@@ -17,15 +17,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_workflow import ROOT, tiny_config
+from tests.helpers import ROOT
 
 NAME = "regress"  # the template's registered name
 REGISTRY_LINE = f"from tfd.methods import {NAME} as _{NAME}  # noqa: E402,F401\n"
 
 
 def copy_repo(dst: Path) -> Path:
-    """The tracked files of this checkout (working-tree contents) under `dst`."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    """This checkout's files (working-tree contents: tracked, and new ones git does not ignore) under `dst`."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout
     for rel in filter(None, files.decode().split("\0")):
         src = ROOT / rel
         if src.is_file():  # tracked but deleted in the working tree: skip
@@ -40,26 +41,25 @@ def copy_env(repo: Path) -> dict:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def add_method(repo: Path, registry_line: bool = True) -> None:
+def add_method(repo: Path, cfg: dict, registry_line: bool = True) -> None:
     # (1) copy the template; (2) one registry line; (3) one runs block (+ the row in table1).
     shutil.copy2(ROOT / "docs/method_template.py", repo / f"tfd/methods/{NAME}.py")
     if registry_line:
         with open(repo / "tfd/methods/__init__.py", "a") as f:
             f.write(REGISTRY_LINE)
-    cfg = tiny_config()
     d = cfg["benchmarks"]["digits"]
     d["runs"][NAME] = {"method": NAME, "label": "Regression onto the teacher (template)",
                        "train": {"steps": 3, "lr": 1e-4, "warmup_steps": 1, "checkpoint_every": 2,
                                  "log_every": 1, "eval_every": 2},
-                       "params": {"batch_size": 6, "teacher_steps": 2}}
+                       "params": {"batch_per_rank": 6, "teacher_steps": 2}}
     d["table1"] = ["onestep_init", NAME]
     (repo / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
 @pytest.mark.slow
-def test_add_method_end_to_end(tmp_path):
+def test_add_method_end_to_end(tmp_path, tiny_config):
     repo = copy_repo(tmp_path / "repo")
-    add_method(repo)
+    add_method(repo, tiny_config)
     env = copy_env(repo)
     ours = ROOT / "results/digits" / NAME / NAME  # where a run of the new method in this checkout would write
     ours_before = ours.exists()
@@ -80,7 +80,7 @@ def test_add_method_end_to_end(tmp_path):
     row = pd.read_csv(repo / "results/table1.csv").set_index("run")
     assert list(row.index) == ["onestep_init", NAME]
     assert math.isfinite(row.loc[NAME, "fid_digits"]) and row.loc[NAME, "fid_digits"] >= 0
-    assert row.loc[NAME, "updates"] == 3 and row.loc[NAME, "generator_updates"] == 3
+    assert row.loc[NAME, "iters"] == 3 and row.loc[NAME, "generator_updates"] == 3
     assert row.loc[NAME, "nfe"] == 1
     run_dir = repo / "results/digits" / NAME / NAME
     conv = (run_dir / "convergence.jsonl").read_text().splitlines()
@@ -89,9 +89,9 @@ def test_add_method_end_to_end(tmp_path):
     assert ours.exists() == ours_before, f"the test wrote {ours}"
 
 
-def test_add_method_needs_registry_line(tmp_path):
+def test_add_method_needs_registry_line(tmp_path, tiny_config):
     """Without step (2) the config names an unknown method and fails before any work."""
     repo = copy_repo(tmp_path / "repo")
-    add_method(repo, registry_line=False)
+    add_method(repo, tiny_config, registry_line=False)
     r = subprocess.run(["tfd", "check-config"], cwd=repo, env=copy_env(repo), capture_output=True, text=True)
     assert r.returncode != 0 and f"unknown method {NAME!r}" in r.stderr, r.stdout + r.stderr

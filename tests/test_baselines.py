@@ -7,24 +7,21 @@ import torch.nn.functional as F
 
 from tfd.config import from_dict
 from tfd.data import ClassBalancedSampler, digits_arrays
+from tfd.denoiser import EDMDenoiser, load_denoiser
 from tfd.methods import get_method
 from tfd.methods.cd import CD, CDParams, consistency_fn
 from tfd.methods.dmd2 import DMD2, DMD2Params, dm_generator_loss
 from tfd.methods.drift import Drift, DriftParams
-from tfd.networks.convert import save_edm_safetensors
 from tfd.networks.edm import EDMPrecond, digits_unet_kwargs
 from tfd.sampling import StackedRandom, karras_sigmas
-from tfd.teacher import Teacher, load_teacher
 from tfd.trainer import TrainCfg, Trainer
-
-from tests.test_trainer import crash_and_resume
 
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])  # bottleneck 16ch 4x4
 
 
 def tiny_teacher(**kw):
     torch.manual_seed(123)
-    return Teacher(EDMPrecond(**digits_unet_kwargs(**{**TINY, **kw})))
+    return EDMDenoiser(EDMPrecond(**digits_unet_kwargs(**{**TINY, **kw})))
 
 
 def data(seed=0):
@@ -33,15 +30,15 @@ def data(seed=0):
 
 
 def dmd2(seed=0, **kw):
-    return DMD2(tiny_teacher(), data(seed), DMD2Params(**{"batch_size": 6, **kw}))
+    return DMD2(tiny_teacher(), data(seed), DMD2Params(**{"batch_per_rank": 6, **kw}))
 
 
 def cd(seed=0, **kw):
-    return CD(tiny_teacher(), data(seed), CDParams(**{"batch_size": 6, **kw}))
+    return CD(tiny_teacher(), data(seed), CDParams(**{"batch_per_rank": 6, **kw}))
 
 
 def drift(space, seed=0, **kw):
-    p = DriftParams(space=space, groups=3, n_gen=2, n_pos=2, n_anchor=2, pool=2, randnet_width=8, **kw)
+    p = DriftParams(space=space, groups_per_rank=3, n_gen=2, n_pos=2, n_anchor=2, pool=2, randnet_width=8, **kw)
     return Drift(tiny_teacher(), data(seed), p)
 
 
@@ -95,7 +92,7 @@ def test_dm_loss_uses_teacher_as_real_and_fake_score_as_fake():
 
 
 def test_batch_carries_all_randomness():
-    m = dmd2(gan=True, batch_size=200)
+    m = dmd2(gan=True, batch_per_rank=200)
     b = m.make_batch()
     assert b["dm_i"].min() >= 20 and b["dm_i"].max() <= 980
     assert b["fake_i"].min() >= 0 and b["fake_i"].max() <= 999 and b["fake_i"].min() < 20
@@ -105,7 +102,7 @@ def test_batch_carries_all_randomness():
     torch.manual_seed(1)
     out2 = m.train_step(b, step=0)
     assert all(torch.equal(out1.losses[k], out2.losses[k]) for k in out1.losses)
-    c = cd(batch_size=50).make_batch()
+    c = cd(batch_per_rank=50).make_batch()
     assert c["n"].min() >= 0 and c["n"].max() <= 38
 
 
@@ -122,7 +119,7 @@ def test_fake_score_loss_is_edm_denoising_loss():
     by_hand = ((1 / s ** 2 + 1 / 0.5 ** 2) * (pred - x) ** 2).mean()
     assert torch.allclose(loss, by_hand, rtol=1e-5)
     loss.backward()
-    assert m.fake.net.model.out_conv.weight.grad is not None
+    assert m.fake.net.net.model.out_conv.weight.grad is not None
     assert all(p.grad is None for p in m.generator.parameters())
 
 
@@ -154,14 +151,14 @@ def test_gan_head_reads_fake_score_bottleneck():
     assert ref.shape == (4,)
     perturb(m.teacher.net)
     assert torch.equal(logits(), ref)                        # teacher: no effect
-    perturb(m.fake.net.model.dec)
+    perturb(m.fake.net.net.model.dec)
     assert torch.equal(logits(), ref)                        # fake decoder (after the bottleneck): no effect
-    perturb(m.fake.net.model.enc)
+    perturb(m.fake.net.net.model.enc)
     assert not torch.allclose(logits(), ref)                 # fake encoder: changes the logits
-    # parameter bookkeeping: the head is trained with the fake score, EDM names kept under `net.`
+    # parameter bookkeeping: the head is trained with the fake score, the teacher's names under `net.`
     keys = m.networks()["fake_score"].state_dict().keys()
     assert any(k.startswith("head.") for k in keys)
-    assert set(m.fake.net.state_dict()) == set(m.teacher.net.state_dict())
+    assert set(m.fake.net.state_dict()) == set(m.teacher.state_dict())
 
 
 def test_gan_generator_loss_reaches_generator_only():
@@ -179,7 +176,7 @@ def test_gan_generator_loss_reaches_generator_only():
 
 def test_gan_head_on_2x2_bottleneck():
     teacher = tiny_teacher(channel_mult=[1, 2, 2], model_channels=16)  # 8 -> 4 -> 2: 32 ch 2x2
-    m = DMD2(teacher, data(), DMD2Params(batch_size=4))
+    m = DMD2(teacher, data(), DMD2Params(batch_per_rank=4))
     h = m.fake.head.net
     assert h[0].kernel_size == (4, 4) and h[3].kernel_size == (1, 1) and h[1].num_groups == 8
     torch.manual_seed(0)
@@ -193,14 +190,14 @@ def test_consistency_function_is_identity_at_sigma_min():
     m = cd()
     perturb(m.online)
     x = torch.randn(3, 1, 8, 8)
-    labels = F.one_hot(torch.tensor([0, 4, 9]), 10).float()
+    labels = torch.tensor([0, 4, 9])
     assert torch.equal(consistency_fn(m.online, x, 0.002, labels), x)
     # at sigma_max the initial student is the teacher's one-step generator up to O(smin/smax)
     t = tiny_teacher()
     z = torch.randn(3, 1, 8, 8) * 80
     with torch.no_grad():
-        a = consistency_fn(t.net, z, 80.0, labels)
-        b = t.net(z, torch.full([3], 80.0), labels)
+        a = consistency_fn(t, z, 80.0, labels)
+        b = t.net(z, torch.full([3], 80.0), F.one_hot(labels, 10).float())
     assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item())
 
 
@@ -239,14 +236,14 @@ def test_cd_huber_c_default_and_exported_sampler(tmp_path):
     assert torch.allclose(m.distance(a, b), torch.full([2], math.sqrt(64 + m.huber_c ** 2) - m.huber_c))
     perturb(m.online)
     path = tmp_path / "g.safetensors"
-    save_edm_safetensors(m.online, path)
-    gen = load_teacher(path)
-    sampler = CD.sampler_for(gen, m.params, (1, 8, 8))
+    m.online.save(path)
+    gen = load_denoiser(path, what="generator")
+    sampler = CD.sampler_for(gen, m.params)
     labels = torch.tensor([3, 8])
     out = sampler(labels, StackedRandom([0, 1]))
     z = StackedRandom([0, 1]).randn((1, 8, 8))
     with torch.no_grad():
-        ref = consistency_fn(m.online, 80 * z, 80.0, F.one_hot(labels, 10).float())
+        ref = consistency_fn(m.online, 80 * z, 80.0, labels)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -288,7 +285,7 @@ MAKERS = {
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_resume_is_exact(name, tmp_path):
+def test_resume_is_exact(name, tmp_path, crash_and_resume):
     ref, resumed = crash_and_resume(MAKERS[name], cfg(ema_halflife_steps=2.0), tmp_path)
     assert resumed.step == 6
     for net_name, net in ref.nets.items():
@@ -297,14 +294,14 @@ def test_resume_is_exact(name, tmp_path):
             assert torch.allclose(v, other[k], atol=1e-6, rtol=0), f"{net_name}.{k}"
     for (k, v), v2 in zip(ref.ema.state_dict().items(), resumed.ema.state_dict().values()):
         assert torch.allclose(v, v2, atol=1e-6, rtol=0), k
-    assert load_teacher(tmp_path / "b" / "generator.safetensors").num_classes == 10
+    assert load_denoiser(tmp_path / "b" / "generator.safetensors").num_conditions == 10
 
 
 @pytest.mark.parametrize("name", ["dmd2", "cd_huber"])
 def test_batch_splits_across_ranks(name):
     """Every loss is a batch mean, so the mean of the losses on two halves of a batch equals the
     loss on the whole batch (what DDP's gradient averaging needs)."""
-    m = dmd2(gan=True, batch_size=6) if name == "dmd2" else cd(metric="huber", batch_size=6)
+    m = dmd2(gan=True, batch_per_rank=6) if name == "dmd2" else cd(metric="huber", batch_per_rank=6)
     if name == "dmd2":
         perturb(m.fake.net)
     b = m.make_batch()

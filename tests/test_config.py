@@ -1,5 +1,6 @@
 """config.yaml: typed loading, unknown keys and wrong types named, schema validation."""
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -34,9 +35,10 @@ def test_method_params_checked_by_method_dataclass(root):
     from tfd.methods import get_method
     d = _cfg(root)
     d["benchmarks"]["digits"]["runs"]["tfd"]["params"]["radi"] = [0.1]
-    cfg = from_dict(Config, d, "config")
-    with pytest.raises(ConfigError, match="radi"):
-        from_dict(get_method("tfd").Params, cfg.bench().runs["tfd"].params, "runs.tfd.params")
+    with pytest.raises(ConfigError, match=r"runs\.tfd\.params: unknown key 'radi' \(valid keys: .*radii"):
+        from_dict(Config, d, "config")
+    cfg = from_dict(Config, _cfg(root), "config")  # typed once, when loaded
+    assert isinstance(cfg.bench().runs["tfd"].params, get_method("tfd").Params)
 
 
 def test_imagenet64_needs_teacher_path(root):
@@ -77,9 +79,8 @@ def test_ablations_expand_into_runs(root):
     assert [label for label, _ in noise.variants] == ["0", "0.02", "0.1", "0.5"]
     runs = dict(noise.variants)
     assert runs["0.1"] == "tfd"  # the base value is the base run: not trained twice
-    assert b.runs[runs["0"]].params["feature_noise"] == 0.0
-    assert {k: v for k, v in b.runs[runs["0"]].params.items() if k != "feature_noise"} == \
-        {k: v for k, v in b.runs["tfd"].params.items() if k != "feature_noise"}
+    assert b.runs[runs["0"]].params.feature_noise == 0.0
+    assert dataclasses.replace(b.runs[runs["0"]].params, feature_noise=0.1) == b.runs["tfd"].params
     assert b.runs[runs["0"]].train == b.runs["tfd"].train
     # every variant of every sweep is a run; equal settings share one
     names = [r for a in b.ablations.values() for _, r in a.variants]
@@ -95,8 +96,8 @@ def test_ablation_overrides_apply_to_every_variant(root):
     b = check(from_dict(Config, d, "config")).bench()
     (l0, r0), (l1, r1) = b.ablations["lr"].variants
     assert (l0, r0, l1, r1) == ("low", "lr__low", "high", "lr__high")
-    assert b.runs[r1].train["lr"] == 3e-4 and b.runs[r1].train["steps"] == 50 and b.runs[r1].params["n_gen"] == 4
-    assert b.runs["tfd"].train["steps"] == 1000  # the base run itself is untouched
+    assert b.runs[r1].train.lr == 3e-4 and b.runs[r1].train.steps == 50 and b.runs[r1].params.n_gen == 4
+    assert b.runs["tfd"].train.steps == 1000  # the base run itself is untouched
 
 
 @pytest.mark.parametrize("abl,match", [
@@ -113,3 +114,18 @@ def test_bad_ablations_are_named(root, abl, match):
     with pytest.raises(ConfigError, match=match) as e:
         check(from_dict(Config, d, "config"))
     assert "sweep" in str(e.value)
+
+
+def test_run_blocks_are_typed_once_with_defaults_from_one_dataclass(root):
+    """train / params / sampler are dataclasses after loading; a sampler row has no train block;
+    an explicit default equals an omitted one (so sweeps reuse runs by their settings)."""
+    from tfd.config import TrainCfg
+    from tfd.sampling import HeunCfg
+    b = load_config(root / "config.yaml").bench()
+    assert isinstance(b.runs["tfd"].train, TrainCfg) and b.runs["teacher_ode"].train is None
+    assert isinstance(b.runs["teacher_sde"].sampler, HeunCfg) and b.runs["teacher_sde"].sampler.S_churn == 40
+    assert b.runs["dmd2"].train.seed == TrainCfg().seed  # omitted in config.yaml: the dataclass default
+    d = _cfg(root)
+    d["benchmarks"]["digits"]["runs"]["teacher_ode"]["train"] = {"steps": 3}
+    with pytest.raises(ConfigError, match="teacher_ode.train: a 'heun' row takes no train settings"):
+        from_dict(Config, d, "config")

@@ -15,8 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tfd.networks import EDMPrecond, digits_unet_kwargs, imagenet64_adm_kwargs, list_layers, resolve_layer
-from tfd.networks.convert import (EDM_IMPORT_HINT, convert_edm_pickle, load_edm_safetensors,
-                                  save_edm_safetensors)
+from tfd.networks.convert import EDM_IMPORT_HINT, convert_edm_pickle, load_edm_safetensors, save_edm_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +165,15 @@ def test_safetensors_roundtrip(digits_net, tmp_path):
     assert set(load_file(str(path))) == set(digits_net.state_dict())
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["init_kwargs"]) == digits_net.init_kwargs and meta["source"] == "unit-test"
+    parsed = json.loads(meta["tfd"])  # one sorted JSON key: byte-reproducible files
+    assert parsed["init_kwargs"] == digits_net.init_kwargs and parsed["source"] == "unit-test"
+    # a file written before (init_kwargs as a plain JSON string in the metadata map) still loads
+    old = {"format": "tfd.edm_precond.v1", "init_kwargs": json.dumps(digits_net.init_kwargs)}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=old)
+    x, sigma, labels = digits_inputs()
+    with torch.no_grad():
+        assert torch.equal(load_edm_safetensors(tmp_path / "old.safetensors")(x, sigma, labels),
+                           digits_net(x, sigma, labels))
     loaded = load_edm_safetensors(path)
     x, sigma, labels = digits_inputs()
     with torch.no_grad():
@@ -181,34 +188,228 @@ def test_safetensors_roundtrip(digits_net, tmp_path):
         load_edm_safetensors(tmp_path / "nope.safetensors")
 
 
-# ---- conversion from an EDM-style pickle, with a fake "EDM repository" -------------------------
+# ---- conversion from an EDM pickle, with a stand-in "EDM repository" -----------------------------
+# An independent stand-in for NVlabs/edm, written in a temporary directory: `dnnlib.EasyDict`,
+# `torch_utils.persistence` (as EDM's: a pickled network carries its module's source and is rebuilt
+# from it, so unpickling needs dnnlib and torch_utils but not `training`; constructor arguments are
+# recorded as `init_args` / `init_kwargs`), and `training/networks.py` whose EDMPrecond/DhariwalUNet
+# build EDM's module tree from plain torch.nn layers, transcribed from EDM's code (not ours). Nothing
+# in it imports tfd, so a wrong key mapping, a layout difference or a lost tensor shows.
 
-FAKE_NETWORKS = """
-import dnnlib, torch_utils  # like EDM: unpickling needs these importable
-from tfd.networks.edm import EDMPrecond as _Ours
+EDM_DNNLIB = """
+class EasyDict(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name)
 
-class EDMPrecond(_Ours):
-    pass
+    def __setattr__(self, name, value):
+        self[name] = value
+"""
+
+EDM_PERSISTENCE = """
+import copy, inspect, sys, types, uuid
+import dnnlib
+
+_version = 6
+_src_to_module_dict = {}
+_module_to_src_dict = {}
+
+
+def persistent_class(orig_class):
+    if getattr(orig_class, "_is_persistent", False):
+        return orig_class
+    module_src = _module_to_src(sys.modules[orig_class.__module__])
+
+    class Decorator(orig_class):
+        _is_persistent = True
+        _orig_module_src = module_src
+        _orig_class_name = orig_class.__name__
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_args = copy.deepcopy(args)
+            self._init_kwargs = copy.deepcopy(kwargs)
+
+        @property
+        def init_args(self):
+            return copy.deepcopy(self._init_args)
+
+        @property
+        def init_kwargs(self):
+            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
+
+        def __reduce__(self):
+            fields = list(super().__reduce__())
+            fields += [None] * max(3 - len(fields), 0)
+            if fields[0] is not _reconstruct_persistent_obj:
+                meta = dict(type="class", version=_version, module_src=self._orig_module_src,
+                            class_name=self._orig_class_name, state=fields[2])
+                fields[0], fields[1], fields[2] = _reconstruct_persistent_obj, (meta,), None
+            return tuple(fields)
+
+    Decorator.__name__ = orig_class.__name__
+    Decorator.__qualname__ = orig_class.__qualname__
+    Decorator.__module__ = orig_class.__module__
+    return Decorator
+
+
+def _module_to_src(module):
+    src = _module_to_src_dict.get(module)
+    if src is None:
+        src = inspect.getsource(module)
+        _module_to_src_dict[module] = src
+        _src_to_module_dict[src] = module
+    return src
+
+
+def _src_to_module(src):
+    module = _src_to_module_dict.get(src)
+    if module is None:
+        name = "_imported_module_" + uuid.uuid4().hex
+        module = types.ModuleType(name)
+        sys.modules[name] = module
+        _module_to_src_dict[module] = src
+        _src_to_module_dict[src] = module
+        exec(src, module.__dict__)
+    return module
+
+
+def _reconstruct_persistent_obj(meta):
+    assert meta["version"] == _version and meta["type"] == "class"
+    cls = _src_to_module(meta["module_src"]).__dict__[meta["class_name"]]
+    obj = cls.__new__(cls)
+    obj.__setstate__(meta["state"])
+    return obj
+"""
+
+EDM_NETWORKS = """
+import torch
+from torch import nn
+from torch_utils import persistence
+
+
+def conv(cin, cout, kernel, up=False, down=False):
+    # EDM's Conv2d: weight [out, in, k, k] and bias (none for kernel 0), buffer resample_filter when resampling
+    m = nn.Conv2d(cin, cout, kernel) if kernel else nn.Module()
+    if up or down:
+        f = torch.tensor([1.0, 1.0])
+        m.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum().square())
+    return m
+
+
+def norm(c):
+    return nn.GroupNorm(min(32, c // 4), c)
+
+
+@persistence.persistent_class  # as every class of EDM's networks.py: pickled with its module's source
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb, up=False, down=False, attention=False, channels_per_head=64):
+        super().__init__()
+        self.out_channels = cout
+        self.norm0 = norm(cin)
+        self.conv0 = conv(cin, cout, 3, up=up, down=down)
+        self.affine = nn.Linear(emb, cout * 2)
+        self.norm1 = norm(cout)
+        self.conv1 = conv(cout, cout, 3)
+        if cout != cin or up or down:
+            self.skip = conv(cin, cout, 1 if cout != cin else 0, up=up, down=down)
+        if attention and cout // channels_per_head:
+            self.norm2 = norm(cout)
+            self.qkv = conv(cout, cout * 3, 1)
+            self.proj = conv(cout, cout, 1)
+
+
+@persistence.persistent_class
+class DhariwalUNet(nn.Module):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
+                 channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8],
+                 dropout=0.10, label_dropout=0):
+        super().__init__()
+        emb = model_channels * channel_mult_emb
+        if augment_dim:
+            self.map_augment = nn.Linear(augment_dim, model_channels, bias=False)
+        self.map_layer0 = nn.Linear(model_channels, emb)
+        self.map_layer1 = nn.Linear(emb, emb)
+        if label_dim:
+            self.map_label = nn.Linear(label_dim, emb, bias=False)
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = conv(cin, cout, 3)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, emb, down=True)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
+        skips = [b.out_channels for b in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, emb, attention=True)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, emb)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, emb, up=True)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
+        self.out_norm = norm(cout)
+        self.out_conv = conv(cout, out_channels, 3)
+
+
+@persistence.persistent_class
+class EDMPrecond(nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
+                 sigma_max=float("inf"), sigma_data=0.5, model_type="DhariwalUNet", **model_kwargs):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                           out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 """
 
 MAKE_PICKLES = """
-import pickle, sys, torch
+import pickle, sys, torch, dnnlib
 from safetensors.torch import save_file
 from training.networks import EDMPrecond
-from tfd.networks.edm import digits_unet_kwargs
 out = sys.argv[1]
-torch.manual_seed(0)
-net = EDMPrecond(**digits_unet_kwargs())
-with torch.no_grad():
-    for p in net.parameters():
-        p.add_(torch.randn_like(p) * 0.05)
-net.eval()
-x = torch.randn(4, 1, 8, 8); sigma = torch.tensor([0.002, 0.5, 3.0, 80.0]); y = torch.eye(10)[:4]
-with torch.no_grad():
-    save_file(dict(x=x, sigma=sigma, y=y, d=net(x, sigma, y)), out + "/ref.safetensors")
-pickle.dump(dict(ema=net, loss_fn=None), open(out + "/good.pkl", "wb"))
-net.init_kwargs = dict(net.init_kwargs, num_blocks=1)
-pickle.dump(dict(ema=net), open(out + "/mismatch.pkl", "wb"))
+ARCH = dict(model_type="DhariwalUNet", model_channels=32, channel_mult=[1, 2, 2], num_blocks=2,
+            attn_resolutions=[4], dropout=0.0)
+
+
+def make(*args, **kwargs):
+    torch.manual_seed(0)
+    net = EDMPrecond(*args, **kwargs)
+    with torch.no_grad():
+        for t in net.state_dict().values():  # every tensor random: none may be dropped or swapped unseen
+            t.copy_(torch.randn_like(t))
+    return net
+
+
+def dump(name, net):
+    with open(f"{out}/{name}.pkl", "wb") as f:
+        pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dnnlib.EasyDict(resolution=8)), f)
+
+
+net = make(img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, **ARCH)  # as EDM's train.py
+save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{out}/ref.safetensors")
+dump("good", net)
+dump("positional", make(8, 1, 10, **ARCH))  # init_args (8, 1, 10)
+net = make(img_resolution=8, img_channels=1, label_dim=10, **ARCH)
+block = net.model.enc["4x4_block0"]
+block.norm = block._modules.pop("norm0")  # one module renamed
+dump("renamed", net)
+net = make(img_resolution=8, img_channels=1, label_dim=10, **ARCH)
+layer = net.model.map_layer0
+layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous())  # one tensor transposed
+dump("transposed", net)
+net = make(img_resolution=8, img_channels=1, label_dim=10, **ARCH)
+net._init_kwargs = dict(net._init_kwargs, num_blocks=1)  # recorded config does not match the tensors
+dump("mismatch", net)
 """
 
 CONVERT = """
@@ -218,29 +419,37 @@ for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
     try:
         print(convert_edm_pickle(src, dst)["source"])
     except Exception as e:
-        print(f"{type(e).__name__}: {e}")
+        print(f"{type(e).__name__}: {e}".replace(chr(10), " "))
 """
 
 
-def _run(code, *args, edm_repo=None):
-    path = [str(REPO)] + ([str(edm_repo)] if edm_repo else [])
+def _run(code, *args, edm_repo=None, tfd=True):
+    path = ([str(REPO)] if tfd else []) + ([str(edm_repo)] if edm_repo else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+                          env=env, cwd=str(REPO if tfd else edm_repo), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
 
+def _write_repo(root: Path, files: dict) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
 @pytest.fixture(scope="module")
 def fake_edm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edm_repo")
-    for pkg in ("dnnlib", "torch_utils", "training"):
-        (root / pkg).mkdir()
-        (root / pkg / "__init__.py").write_text("")
-    (root / "training" / "networks.py").write_text(FAKE_NETWORKS)
+    """-> (EDM stand-in without `training`, the pickles' folder). The pickles are written with the
+    whole stand-in importable and no tfd (tfd's folder is not on the path)."""
+    lib = {"dnnlib/__init__.py": EDM_DNNLIB, "torch_utils/__init__.py": "",
+           "torch_utils/persistence.py": EDM_PERSISTENCE}
+    full = _write_repo(tmp_path_factory.mktemp("edm_repo"),
+                       {**lib, "training/__init__.py": "", "training/networks.py": EDM_NETWORKS})
     out = tmp_path_factory.mktemp("pickles")
-    _run(MAKE_PICKLES, out, edm_repo=root)
-    return root, out
+    _run(MAKE_PICKLES, out, edm_repo=full, tfd=False)
+    return _write_repo(tmp_path_factory.mktemp("edm_lib"), lib), out
 
 
 def test_convert_needs_edm_code(fake_edm, tmp_path):
@@ -251,19 +460,30 @@ def test_convert_needs_edm_code(fake_edm, tmp_path):
 
 
 def test_convert_edm_pickle(fake_edm, tmp_path):
-    root, out = fake_edm
-    target = tmp_path / "teacher.safetensors"
-    msg, bad = _run(CONVERT, out / "good.pkl", target, out / "mismatch.pkl",
-                    tmp_path / "bad.safetensors", edm_repo=root).splitlines()
-    assert msg.startswith("good.pkl sha256:"), msg
-    net = load_edm_safetensors(target)
-    assert net.init_kwargs == EDMPrecond(**digits_unet_kwargs()).init_kwargs
-    with safe_open(str(target), framework="pt") as f:
-        assert f.metadata()["source"] == msg
-        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
-    ref = load_file(str(out / "ref.safetensors"))
-    with torch.no_grad():
-        assert torch.equal(net(ref["x"], ref["sigma"], ref["y"]), ref["d"])
-    assert bad.startswith("RuntimeError: ") and "unexpected keys" in bad and "2x2_block2" in bad
+    edm_lib, out = fake_edm
+    names = ["good", "positional", "renamed", "transposed", "mismatch"]
+    pairs = [a for n in names for a in (out / f"{n}.pkl", tmp_path / f"{n}.safetensors")]
+    msgs = dict(zip(names, _run(CONVERT, *pairs, edm_repo=edm_lib).splitlines()))
+    ref = load_file(str(out / "ref.safetensors"))  # the stand-in's own state_dict
+    ours = EDMPrecond(**digits_unet_kwargs())
+    assert {k: list(v.shape) for k, v in ref.items()} == {k: list(v.shape) for k, v in ours.state_dict().items()}
+    for name in ("good", "positional"):
+        target = tmp_path / f"{name}.safetensors"
+        assert msgs[name].startswith(f"{name}.pkl sha256:"), msgs[name]
+        with safe_open(str(target), framework="pt") as f:
+            assert json.loads(f.metadata()["tfd"])["source"] == msgs[name]
+            assert set(f.keys()) == set(ref)
+            for k in f.keys():  # every tensor, bit for bit, under its EDM name
+                assert f.get_tensor(k).dtype == torch.float32 and torch.equal(f.get_tensor(k), ref[k]), k
+        net = load_edm_safetensors(target)
+        assert net.init_kwargs == ours.init_kwargs  # from persistence's init_args / init_kwargs
+        assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+    assert msgs["renamed"].startswith("RuntimeError: ") and "4x4_block0.norm.weight" in msgs["renamed"]
+    assert "missing keys ['model.enc.4x4_block0.norm0.bias', 'model.enc.4x4_block0.norm0.weight']" in msgs["renamed"]
+    assert msgs["transposed"].startswith("RuntimeError: ")
+    assert "size mismatch for model.map_layer0.weight" in msgs["transposed"]
+    assert msgs["mismatch"].startswith("RuntimeError: ") and "unexpected keys" in msgs["mismatch"]
+    assert "2x2_block2" in msgs["mismatch"]
+    assert not any((tmp_path / f"{n}.safetensors").exists() for n in ("renamed", "transposed", "mismatch"))
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         convert_edm_pickle(tmp_path / "missing.pkl", tmp_path / "x.safetensors")

@@ -120,7 +120,8 @@ def test_trained_tiny_clip_prefers_matching_caption(tiny, tmp_path):
         te = torch.nn.functional.normalize(model.encode_text(tok), dim=-1)
         logits = 10.0 * ie @ te.T
         target = torch.arange(len(caps))
-        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        ce = torch.nn.functional.cross_entropy
+        loss = (ce(logits, target) + ce(logits.T, target)) / 2
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,8 +14,16 @@ from PIL import Image
 
 from eval import features as F
 from eval.digits_net import DigitsNet, load_digits_net, read_metadata, train_digits_net
-from eval.fid import (EXTERNAL, ProvenanceMismatch, RunningStats, check_provenance, feature_stats,
-                      fid_from_features, frechet_distance, load_ref_stats)
+from eval.fid import (
+    EXTERNAL,
+    ProvenanceMismatch,
+    RunningStats,
+    check_provenance,
+    feature_stats,
+    fid_from_features,
+    frechet_distance,
+    load_ref_stats,
+)
 from eval.score import make_ref_stats, score_in_memory, score_samples
 from tfd.data import digits_arrays
 
@@ -79,8 +87,8 @@ def test_missing_digits_net_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*rule digits_feature_net"):
         load_digits_net(missing)
     with pytest.raises(FileNotFoundError, match="rule digits_feature_net"):
-        F.get_extractor("digits", {"digits_net_path": str(missing)})
-    with pytest.raises(FileNotFoundError, match="digits_net_path"):
+        F.get_extractor("digits", {"digits_weights_path": str(missing)})
+    with pytest.raises(FileNotFoundError, match="digits_weights_path"):
         F.get_extractor("digits", {})
 
 
@@ -89,7 +97,7 @@ def test_fid_matches_torch_fidelity_and_cleanfid(net_path, data, tmp_path):
     import torch_fidelity
     from cleanfid import fid as cfid
 
-    ext = F.get_extractor("digits", {"digits_net_path": str(net_path)})
+    ext = F.get_extractor("digits", {"digits_weights_path": str(net_path)})
     fr, ff = ext.features(data["real"]), ext.features(data["fake"])
     ours = fid_from_features(ff, fr)
     assert ours > 1.0
@@ -126,7 +134,7 @@ def test_fid_matches_torch_fidelity_and_cleanfid(net_path, data, tmp_path):
 
 
 def test_fid_self_is_zero(net_path, data):
-    ext = F.get_extractor("digits", {"digits_net_path": str(net_path)})
+    ext = F.get_extractor("digits", {"digits_weights_path": str(net_path)})
     f = ext.features(data["real"])
     v = fid_from_features(f, f)
     assert abs(v) < 1e-6, v
@@ -167,7 +175,7 @@ def test_frechet_matches_direct_scipy_rank_deficient(n, dim):
 
 
 def test_ref_stats_roundtrip_external_and_mismatch(net_path, data, tmp_path):
-    ext = F.get_extractor("digits", {"digits_net_path": str(net_path)})
+    ext = F.get_extractor("digits", {"digits_weights_path": str(net_path)})
     ref = tmp_path / "ref.npz"
     made = make_ref_stats(data["real_all"], ref, ext, source="digits_arrays('all')")
     z = load_ref_stats(ref)
@@ -191,13 +199,13 @@ def test_ref_stats_roundtrip_external_and_mismatch(net_path, data, tmp_path):
     np.savez(samples, data["fake"], data["labels"])
     with pytest.raises(ProvenanceMismatch, match="sha256"):
         score_samples(samples, tmp_path / "o", ["fid"], extractor="digits",
-                      config={"digits_net_path": str(other)}, ref_stats_path=ref)
+                      config={"digits_weights_path": str(other)}, ref_stats_path=ref)
     with pytest.raises(ProvenanceMismatch, match="resolution"):
         check_provenance(ext.provenance, {**z["provenance"], "resolution": "64x64"})
 
 
 def test_score_samples_end_to_end_and_in_memory(net_path, data, tmp_path):
-    cfg = {"digits_net_path": str(net_path)}
+    cfg = {"digits_weights_path": str(net_path)}
     ref = tmp_path / "ref.npz"
     make_ref_stats(data["real_all"], ref, "digits", config=cfg, source="digits all")
     samples = tmp_path / "samples.npz"

@@ -124,7 +124,8 @@ def test_ssim_matches_skimage(size, channels):
     ref = np.array([_sk(x, y, st) for x, y in zip(a, b)])
     err = np.abs(ours - ref).max()
     assert err < 1e-9, err
-    print(f"\nSSIM {size}x{size}x{channels} window {st['win_size']}/{st['win_sigma']:.4f}: max |ours - skimage| = {err:.1e}")
+    print(f"\nSSIM {size}x{size}x{channels} window {st['win_size']}/{st['win_sigma']:.4f}: "
+          f"max |ours - skimage| = {err:.1e}")
 
 
 def test_ssim_window_rule_and_pytorch_msssim_small_image_behaviour():

@@ -97,6 +97,7 @@ def test_sample_grid_rgb(tmp_path):
 
 def skimage_max_ssim(images):
     from skimage.metrics import structural_similarity
+
     from eval.ssim import ssim_settings
     st = ssim_settings(8, 8)
     best = -np.inf

@@ -16,8 +16,8 @@ import pytest
 import yaml
 import yte
 
+from tests.helpers import ROOT
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_binaries, process_state
-from tests.test_workflow import ROOT, snakemake, tiny_config
 
 PROFILE = ROOT / "workflow/profiles/slurm"
 PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["imagenet64"]
@@ -92,10 +92,10 @@ def paper_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("teacher_ext", ["safetensors", "pkl"])
-def test_paper_dag_dry_run(paper_dir, teacher_ext):
+def test_paper_dag_dry_run(paper_dir, teacher_ext, run_snakemake):
     make_site(paper_dir / "site", teacher_ext)
     (paper_dir / "site.yaml").write_text((paper_dir / "site/site.yaml").read_text())
-    r = snakemake(paper_dir, "-n", "--profile", str(PROFILE), "--cores", "1000", "results/table1.csv")
+    r = run_snakemake(paper_dir, "-n", "--profile", str(PROFILE), "--cores", "1000", "results/table1.csv")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     jobs = dry_jobs(out)
@@ -135,7 +135,7 @@ def test_paper_dag_dry_run(paper_dir, teacher_ext):
 
 
 @pytest.mark.parametrize("case", ["no_site_file", "unfilled", "file_missing"])
-def test_unfilled_site_file_fails_with_one_message(paper_dir, case):
+def test_unfilled_site_file_fails_with_one_message(paper_dir, case, run_snakemake):
     """`snakemake --profile workflow/profiles/slurm` without a usable site.yaml stops before any
     job with one message naming the config keys and the site file, not a traceback."""
     if case == "unfilled":
@@ -149,7 +149,7 @@ def test_unfilled_site_file_fails_with_one_message(paper_dir, case):
         missing = ["data.path"]
     else:
         missing = ["teacher.checkpoint", "data.path", "eval.feature_extractor_weights_path"]
-    r = snakemake(paper_dir, "-n", "--profile", str(PROFILE), "results/table1.csv")
+    r = run_snakemake(paper_dir, "-n", "--profile", str(PROFILE), "results/table1.csv")
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     for key in missing:
@@ -190,8 +190,8 @@ def _mb(text: str) -> int:
 
 
 @pytest.mark.slow
-def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch):
-    cfg = tiny_config()
+def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_config):
+    cfg = tiny_config
     d = cfg["benchmarks"]["digits"]
     d["table1"] = ["tfd"]  # one trained row: 9 jobs in 7 waves (sampler rows add jobs, not waves)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -214,12 +214,14 @@ def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-                            "--profile", str(PROFILE), "--profile", str(ci), "--cores", "8", "results/table1.csv"],
+        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+                            "--directory", str(tmp_path), "--profile", str(PROFILE), "--profile", str(ci),
+                            "--cores", "8", "results/table1.csv"],
                            capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as e:
         out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n{slurm_cluster.logs()}")
+        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
+                    f"{slurm_cluster.logs()}")
     out = r.stdout + r.stderr
     wall = time.time() - t0
     assert r.returncode == 0, out[-6000:] + "\n" + slurm_cluster.logs()

@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _method():
-    from tests.test_trainer import make_method
+    from tests.helpers import make_method
     return make_method()
 
 
 def _combined_batch(method, G):
     torch.manual_seed(7)
-    method.params.groups = G
+    method.params.groups_per_rank = G
     batch = method.make_batch()
     return batch
 
@@ -46,7 +46,7 @@ def _step(rank, world, outdir):
     batch = _combined_batch(m, G)
     n = G // world
     part = _slice(batch, rank * n, (rank + 1) * n)
-    m.params.groups = n
+    m.params.groups_per_rank = n
     m.make_batch = lambda: part
     t = Trainer(m, TrainCfg(steps=1, lr=1e-3, warmup_steps=1, grad_clip=0.0), outdir, progress=False)
     metrics = t.train_one_step()
@@ -82,13 +82,10 @@ def test_two_ranks_equal_one_process_on_combined_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_distill_two_processes(tmp_path):
-    from tests.test_workflow import tiny_config
-    from tfd.networks.convert import save_edm_safetensors
-    cfg = tiny_config()
+def test_torchrun_distill_two_processes(tmp_path, tiny_config):
+    cfg = tiny_config
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    teacher = _method().teacher.net
-    save_edm_safetensors(teacher, tmp_path / "teacher.safetensors")
+    _method().teacher.save(tmp_path / "teacher.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "tfd.cli", "--", "distill", "--config", str(tmp_path / "config.yaml"), "--run", "tfd",
@@ -97,5 +94,5 @@ def test_torchrun_distill_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     import json
     info = json.loads((tmp_path / "run" / "train.json").read_text())
-    assert info["world_size"] == 2 and info["updates"] == 3
+    assert info["world_size"] == 2 and info["iters"] == 3
     assert (tmp_path / "run" / "ckpt" / "training-state-rank1.pt").is_file()

@@ -1,25 +1,12 @@
 """The shared trainer: exact resume after a crash, NaN guard, stats, export."""
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from tfd.data import ClassBalancedSampler, digits_arrays
-from tfd.methods.tfd import TFD, TFDParams
-from tfd.networks.edm import EDMPrecond, digits_unet_kwargs
-from tfd.teacher import Teacher
 from tfd.trainer import NonFiniteLoss, TrainCfg, Trainer
 
-PARAMS = TFDParams(layers=["enc:1", "bottleneck", "dec:5"], pool=2, groups=3, n_gen=2, n_pos=2, n_anchor=2)
-
-
-def make_method(seed=0):
-    torch.manual_seed(123)
-    net = EDMPrecond(**digits_unet_kwargs(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
-    x, y = digits_arrays()
-    data = ClassBalancedSampler(torch.from_numpy(x), torch.from_numpy(y), torch.Generator().manual_seed(seed))
-    return TFD(Teacher(net), data, dataclasses.replace(PARAMS))  # a copy: tests may change params
+from tests.helpers import make_method
 
 
 def cfg(**kw):
@@ -27,28 +14,7 @@ def cfg(**kw):
     return TrainCfg(**{**base, **kw})
 
 
-def crash_and_resume(make, cfg, tmp_path):
-    """An uninterrupted run, and a run killed after its checkpoint at step 3 then resumed.
-    Returns both trainers (`ref`, `resumed`); the resumed run lives in `tmp_path / "b"`."""
-    ref = Trainer(make(), cfg, tmp_path / "a", progress=False)
-    ref.fit()
-    crashed = Trainer(make(), cfg, tmp_path / "b", progress=False)
-    orig = crashed.train_one_step
-
-    def boom():
-        if crashed.step == 4:  # after the checkpoint at step 3
-            raise KeyboardInterrupt("killed")
-        return orig()
-
-    crashed.train_one_step = boom
-    with pytest.raises(KeyboardInterrupt):
-        crashed.fit()
-    resumed = Trainer(make(), cfg, tmp_path / "b", progress=False)
-    resumed.fit()
-    return ref, resumed
-
-
-def test_resume_after_crash_equals_uninterrupted(tmp_path):
+def test_resume_after_crash_equals_uninterrupted(tmp_path, crash_and_resume):
     ref, resumed = crash_and_resume(make_method, cfg(), tmp_path)
     assert resumed.step == 6
     for k, v in ref.nets["generator"].state_dict().items():
@@ -59,7 +25,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     assert [s["step"] for s in stats][-1] == 6
     assert any(k.startswith("drift_raw") for k in stats[-1])
     info = json.loads((tmp_path / "b" / "train.json").read_text())
-    assert info["updates"] == 6 and (tmp_path / "b" / "generator.safetensors").is_file()
+    assert info["iters"] == 6 and (tmp_path / "b" / "generator.safetensors").is_file()
 
 
 def test_nan_guard_keeps_last_checkpoint(tmp_path):

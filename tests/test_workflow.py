@@ -1,73 +1,101 @@
-"""End to end: the whole DAG on a tiny digits config, in a temporary directory."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""End to end: the whole DAG on the tiny digits config, in a temporary directory, run as a person runs
+it: config.yaml there, `--configfile .test/config.yaml` over it (see .test/config.yaml)."""
+import hashlib
+import json
+import re
+import shutil
 
 import pandas as pd
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tfd.config import SAMPLER_METHODS, Config, from_dict
+
+from tests.helpers import ROOT, TINY_CONFIG
 
 
-def tiny_config() -> dict:
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    d = cfg["benchmarks"]["digits"]
-    d["teacher"]["arch_overrides"] = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
-    d["teacher"]["train"].update(steps=20, batch_size=32, warmup_steps=5, log_every=5)
-    d["eval"].update(num_samples=40, batch_size=20, shards=2, convergence_samples=20)
-    d["runs"]["teacher_ode"]["sampler"]["steps"] = 3
-    d["runs"]["teacher_sde"]["sampler"]["steps"] = 3
+def tiny(run_snakemake, workdir, *args):
+    """`snakemake --cores 2 ARGS --configfile .test/config.yaml` in `workdir` (--configfile last: it takes
+    every path that follows it)."""
+    return run_snakemake(workdir, *args, "--configfile", str(TINY_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def tiny_dag(tmp_path_factory, run_snakemake):
+    """The tiny DAG (rule all: table1, ablations, figures), run once for this module's slow tests.
+    -> (working directory, the CompletedProcess)."""
+    workdir = tmp_path_factory.mktemp("dag")
+    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
+    return workdir, tiny(run_snakemake, workdir)
+
+
+def test_tiny_config_shrinks_every_run(tiny_config):
+    """.test/config.yaml names every run of config.yaml's digits benchmark (a run added there and not
+    here would train at full size in the tests), and the sweeps expand to the runs the DAG test expects."""
+    d = tiny_config["benchmarks"]["digits"]
     for name, run in d["runs"].items():
-        if run["method"] not in ("heun", "onestep"):
-            run["train"].update(steps=3, checkpoint_every=2, log_every=1, warmup_steps=1, eval_every=2)
-            run.setdefault("params", {})
-            if run["method"] in ("tfd", "drift"):
-                run["params"].update(groups=3, n_gen=2, n_pos=2)
-                if "layers" in run["params"]:
-                    run["params"]["layers"] = ["enc:1", "bottleneck", "dec:5"]
-            else:
-                run["params"]["batch_size"] = 6
-    abl = d["ablations"]
-    del abl["seed"]  # same code path as the others
-    abl["layers"]["values"] = [["bottleneck"], ["enc:1", "bottleneck", "dec:5"]]
-    abl["feature_noise"]["values"] = [0.0, 0.1]
-    for a in abl.values():
-        a["budgets"] = [2, 3]
-    abl["lambda_anchor"].update(values=[0.0, 1.0], diversity={"classes": [0, 1], "per_class": 2})
-    return cfg
-
-
-def snakemake(workdir, *args):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                           "--cores", "2", *args], capture_output=True, text=True, env=env, timeout=1200)
+        if run["method"] in SAMPLER_METHODS:
+            assert run.get("sampler", {}).get("steps", 3) <= 3, name
+        else:
+            assert run["train"]["steps"] == 3 and run["train"]["eval_every"] == 2, name
+    assert d["teacher"]["train"]["steps"] == 20 and d["eval"]["num_samples"] == 40
+    bench = from_dict(Config, tiny_config, "config").bench("digits")
+    added = set(bench.runs) - set(d["runs"])
+    assert added == {"feature_noise__0", "layers__bottleneck", "lambda_anchor__0"}, added
+    assert bench.ablations["seed"].variants == [("0", "tfd")]  # one value: the base run itself, no extra training
 
 
 @pytest.mark.slow
-def test_dag_end_to_end(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
-    r = snakemake(tmp_path)  # rule all: table1, ablations, figures
+def test_dag_end_to_end(tiny_dag, tiny_config, run_snakemake):
+    root, r = tiny_dag
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    df = pd.read_csv(tmp_path / "results/table1.csv")
-    cfg = tiny_config()["benchmarks"]["digits"]
+    df = pd.read_csv(root / "results/table1.csv")
+    cfg = tiny_config["benchmarks"]["digits"]
     assert list(df["run"]) == cfg["table1"]
     row = df.set_index("run")
     assert row.loc["teacher_ode", "nfe"] == 5 and row.loc["tfd", "nfe"] == 1
     for run in ("tfd", "dmd2", "cd_l2", "drift_randnet"):
-        assert row.loc[run, "updates"] == 3
-        conv = (tmp_path / "results/digits" / cfg["runs"][run]["method"] / run / "convergence.jsonl").read_text().splitlines()
+        assert row.loc[run, "iters"] == 3
+        run_dir = root / "results/digits" / cfg["runs"][run]["method"] / run
+        conv = (run_dir / "convergence.jsonl").read_text().splitlines()
         assert len(conv) == 3  # steps 0, 2 and 3 (the last is scored too)
     assert row.loc["dmd2", "generator_updates"] == 1  # steps 0 (5, 10, ...): two time-scale update
     assert df["fid_digits"].notna().all() and (df["fid_digits"] >= 0).all()
-    check_ablations(tmp_path, cfg)
-    check_manifest(tmp_path, cfg, df)
-    check_figures(tmp_path, cfg)
+    check_ablations(root, cfg)
+    check_manifest(root, cfg, df)
+    check_figures(root, cfg)
     # a second run finds everything up to date
-    again = snakemake(tmp_path, "-n")
+    again = tiny(run_snakemake, root, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
-    check_report(tmp_path, cfg)
+    check_report(root, run_snakemake)
+
+
+@pytest.mark.slow
+def test_publish_copies_what_the_readme_shows(tiny_dag, tiny_config, run_snakemake):
+    """`snakemake publish` mirrors the tables, manifests and PNG figures into docs/results/ of the
+    working directory (here the test's, never this checkout's): byte for byte, nothing stale left."""
+    root, r = tiny_dag
+    assert r.returncode == 0, "the tiny DAG failed: see test_dag_end_to_end"
+    pub = root / "docs/results"
+    (pub / "figures").mkdir(parents=True)
+    (pub / "ablation_gone.csv").write_text("a sweep no longer in the config\n")
+    (pub / "figures/samples_gone.png").write_bytes(b"old")
+    committed = sorted((p, p.stat().st_mtime_ns) for p in (ROOT / "docs/results").rglob("*"))
+    done = tiny(run_snakemake, root, "publish")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = tiny_config["benchmarks"]["digits"]
+    figures = (["convergence", "diversity_lambda_anchor"] + [f"ablation_{a}" for a in cfg["ablations"]]
+               + [f"samples_{r}" for r in cfg["table1"]])
+    tables = ["table1"] + [f"ablation_{a}" for a in cfg["ablations"]]
+    want = ({f"{t}.{x}" for t in tables for x in ("csv", "md", "html", "manifest.json")} | {"convergence.csv"}
+            | {f"ablation_{a}_curves.csv" for a in cfg["ablations"]} | {f"figures/{f}.png" for f in figures})
+    got = {f.relative_to(pub).as_posix() for f in pub.rglob("*") if f.is_file()}
+    assert got == want, (got - want, want - got)
+    for f in want:
+        assert (pub / f).read_bytes() == (root / "results" / f).read_bytes(), f
+    shown = set(re.findall(r"docs/results/([\w/.]+\.(?:png|md|csv))", (ROOT / "README.md").read_text()))
+    assert shown and shown <= want, shown - want  # every file the README shows (on the tiny config's runs)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (ROOT / "docs/results").rglob("*")) == committed
 
 
 def check_ablations(root, cfg):
@@ -90,15 +118,14 @@ def check_ablations(root, cfg):
 
 
 def check_manifest(root, cfg, df):
-    import hashlib
-    import json
     m = json.loads((root / "results/table1.manifest.json").read_text())
     assert m["rows"] == list(df["run"]) and set(m["runs"]) == set(df["run"])
     tfd = m["runs"]["tfd"]
     assert tfd["config"]["params"]["feature_noise"] == cfg["runs"]["tfd"]["params"]["feature_noise"]
     gen = root / tfd["files"]["generator"]["path"]
     assert tfd["files"]["generator"]["sha256"] == hashlib.sha256(gen.read_bytes()).hexdigest()
-    assert tfd["metrics"]["fid_digits"]["value"] == pytest.approx(df.set_index("run").loc["tfd", "fid_digits"], rel=1e-3)
+    fid = df.set_index("run").loc["tfd", "fid_digits"]
+    assert tfd["metrics"]["fid_digits"]["value"] == pytest.approx(fid, rel=1e-3)
     assert tfd["seeds"]["train"] == 0 and m["runs"]["teacher_ode"]["seeds"]["train"] is None
     assert m["written_by"]["versions"]["torch"] and "teacher" in m["inputs"]
     assert (root / "results/ablation_layers.manifest.json").is_file()
@@ -113,19 +140,20 @@ def check_figures(root, cfg):
         assert (figs / f"{name}.pdf").read_bytes()[:4] == b"%PDF", name
 
 
-def check_report(root, cfg):
-    r = snakemake(root, "--report", "results/report.html")
+def check_report(root, run_snakemake):
+    r = tiny(run_snakemake, root, "--report", "results/report.html")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     html = (root / "results/report.html").read_text()
-    for name in ["table1.html", "ablation_layers.html", "convergence.png", "diversity_lambda_anchor.png", "samples_tfd.png"]:
+    for name in ["table1.html", "ablation_layers.html", "convergence.png", "diversity_lambda_anchor.png",
+                 "samples_tfd.png"]:
         assert name in html, name
 
 
-def test_bad_config_fails_before_work(tmp_path):
-    cfg = tiny_config()
+def test_bad_config_fails_before_work(tmp_path, tiny_config, run_snakemake):
+    cfg = tiny_config
     cfg["benchmarks"]["digits"]["eval"]["num_sampels"] = 10
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    r = snakemake(tmp_path, "results/table1.csv")
+    r = run_snakemake(tmp_path, "results/table1.csv")
     assert r.returncode != 0
     assert "num_sampels" in r.stdout + r.stderr
     assert not (tmp_path / "results").exists()

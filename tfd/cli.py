@@ -5,7 +5,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+
+
+def default_device() -> str:
+    """The device a command runs on unless `--device` says otherwise: `cuda` when torch sees a
+    GPU, else `cpu`. Every command that picks a device calls this."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cfg(args):
@@ -25,7 +31,8 @@ def cmd_train_teacher(args):
     from tfd.train_teacher import train_teacher
     cfg, b = _cfg(args)
     if b.teacher.kind != "train":
-        sys.exit(f"benchmark {cfg.benchmark!r} uses a pretrained teacher (teacher.kind={b.teacher.kind!r}); nothing to train")
+        sys.exit(f"benchmark {cfg.benchmark!r} uses a pretrained teacher (teacher.kind={b.teacher.kind!r}); "
+                 "nothing to train")
     x, y = load_data(b)
     info = train_teacher(b.teacher, x, y, b.num_classes, args.out, progress=not args.no_progress)
     print(f"teacher: {info['params']:,} parameters, {info['steps']} steps in {info['wall_s']:.0f} s -> {args.out}")
@@ -37,59 +44,69 @@ def cmd_train_feature_net(args):
     print(f"digits feature net: held-out accuracy {info['test_acc']:.4f} -> {args.out}")
 
 
+def _extractor(args, b):
+    """The benchmark's feature extractor (`eval.feature_extractor`), weights from `--feature-weights`
+    or `eval.feature_extractor_weights_path`, on `--device` (default: `default_device()`)."""
+    from eval.features import build_extractor
+    return build_extractor(b.eval.feature_extractor,
+                           weights_path=args.feature_weights or b.eval.feature_extractor_weights_path,
+                           device=args.device or default_device())
+
+
 def cmd_ref_stats(args):
     import torch
-    from eval.features import build_extractor
-    from eval.sample import quantize
+
+    from eval.sample import quantise_edm, to_nhwc_numpy
     from eval.score import make_ref_stats
     from tfd.runs import load_data
     cfg, b = _cfg(args)
     x, _ = load_data(b)
-    extractor = build_extractor(b.eval.feature_net, weights_path=args.feature_net or b.eval.feature_extractor_weights_path)
-    make_ref_stats(quantize(torch.as_tensor(x)), args.out, extractor)
+    make_ref_stats(to_nhwc_numpy(quantise_edm(torch.as_tensor(x))), args.out, _extractor(args, b))
     print(f"reference statistics of {len(x)} real images -> {args.out}")
 
 
 def cmd_distill(args):
-    import torch
+    import dataclasses
+
     from tfd import dist
-    from tfd.config import from_dict
+    from tfd.config import ConfigError
+    from tfd.denoiser import load_denoiser
     from tfd.runs import build_method
-    from tfd.teacher import load_teacher
-    from tfd.trainer import TrainCfg, Trainer
+    from tfd.trainer import Trainer
     cfg, b = _cfg(args)
     dist.init()
     run = b.runs[args.run]
-    tcfg = from_dict(TrainCfg, run.train, f"runs.{args.run}.train")
-    if args.steps is not None:
-        tcfg.steps = args.steps
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_teacher(args.teacher, device)
+    if not run.trains:
+        raise ConfigError(f"run {args.run!r} is a sampler row ({run.method}): nothing to distill")
+    tcfg = run.train if args.steps is None else dataclasses.replace(run.train, steps=args.steps)
+    device = default_device()
+    teacher = load_denoiser(args.teacher, device)
     method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed)
     eval_fn = None
     if tcfg.eval_every and args.ref_stats:
-        from eval.score import convergence_eval_fn
-        eval_fn = convergence_eval_fn(b, args.feature_net, args.ref_stats, type(method), method.params)
+        from tfd.convergence import convergence_eval_fn
+        eval_fn = convergence_eval_fn(b, args.feature_weights, args.ref_stats, type(method), method.params,
+                                      device=device)
     info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn,
                    progress=not args.no_progress).fit(resume=not args.no_resume)
-    dist.print0(f"{args.run}: {info['updates']} updates in {info['train_wall_s']:.0f} s -> {info['generator']}")
+    dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
 
 
 def cmd_sample(args):
-    import torch
     from eval.sample import generate, parse_shard, save_npz
-    from tfd.runs import build_sampler
+    from tfd.runs import build_sampler, conditions
     cfg, b = _cfg(args)
     shard = parse_shard(args.shard)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     sampler = build_sampler(b, args.run, args.teacher, args.generator, device=device)
     n = args.num if args.num is not None else b.eval.num_samples
     t0 = time.time()
-    arrays = generate(sampler, n, b.num_classes, base_seed=b.eval.base_seed,
+    arrays = generate(sampler, n, conditions(b), base_seed=b.eval.base_seed,
                       batch_size=args.batch_size or b.eval.batch_size, shard=shard, device=device,
                       progress=not args.no_progress)
     save_npz(args.out, arrays)
-    print(f"{len(arrays['arr_0'])} samples ({args.run}, shard {shard[0]}/{shard[1]}) in {time.time() - t0:.1f} s -> {args.out}")
+    print(f"{len(arrays['arr_0'])} samples ({args.run}, shard {shard[0]}/{shard[1]}) "
+          f"in {time.time() - t0:.1f} s -> {args.out}")
 
 
 def cmd_merge_samples(args):
@@ -101,16 +118,15 @@ def cmd_merge_samples(args):
 def cmd_score(args):
     from eval.score import score_samples
     cfg, b = _cfg(args)
-    from eval.features import build_extractor
-    extractor = build_extractor(b.eval.feature_net, weights_path=args.feature_net or b.eval.feature_extractor_weights_path)
+    extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
-                        ref_stats_path=args.ref_stats, classifier_path=args.feature_net)
+                        ref_stats_path=args.ref_stats, device=extractor.device)
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
 def _manifest_inputs(args) -> dict:
     return {k: v for k, v in (("teacher", args.teacher), ("ref_stats", args.ref_stats),
-                              ("feature_net", args.feature_net)) if v}
+                              ("feature_weights", args.feature_weights)) if v}
 
 
 def cmd_table(args):
@@ -159,25 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate config.yaml and exit")
     s = add("train-teacher", cmd_train_teacher, "train the embedded teacher with the EDM loss")
     s.add_argument("--out", required=True, help="output safetensors (EDM format)")
-    s = add("train-feature-net", cmd_train_feature_net, "train the digits domain feature network (fid_digits)", config=False)
+    s = add("train-feature-net", cmd_train_feature_net, "train the digits domain feature network (fid_digits)",
+            config=False)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s = add("ref-stats", cmd_ref_stats, "reference feature statistics of the benchmark's real data")
     s.add_argument("--out", required=True)
-    s.add_argument("--feature-net", default=None, help="feature network weights (digits: from train-feature-net)")
+    s.add_argument("--feature-weights", default=None, metavar="PATH",
+                   help="weights of the eval.feature_extractor network (digits: from train-feature-net)")
+    s.add_argument("--device", default=None,
+                   help="where the feature extractor runs (default: cuda if available, else cpu)")
     s = add("distill", cmd_distill, "train one distillation run (resumes from its checkpoint by default)")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True, help="teacher safetensors (EDM format)")
     s.add_argument("--out-dir", required=True)
     s.add_argument("--steps", type=int, default=None, help="override train.steps")
     s.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
-    s.add_argument("--feature-net", default=None, help="for the convergence record (train.eval_every)")
+    s.add_argument("--feature-weights", default=None, metavar="PATH",
+                   help="feature extractor weights, for the convergence record (train.eval_every)")
     s.add_argument("--ref-stats", default=None, help="for the convergence record (train.eval_every)")
-    s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and class i %% C")
+    s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% (number of conditions)")
     s.add_argument("--run", required=True)
     s.add_argument("--teacher", required=True)
     s.add_argument("--generator", default=None, help="exported generator (distillation runs); omit for teacher rows")
-    s.add_argument("--out", required=True, help="npz (arr_0 uint8 NHWC, arr_1 labels, seeds)")
+    s.add_argument("--out", required=True, help="npz (arr_0 uint8 NHWC, arr_1 condition ids, seeds)")
     s.add_argument("--shard", default=None, help="k/n: write shard k of n (zero-based)")
     s.add_argument("--num", type=int, default=None, help="number of samples (default: eval.num_samples)")
     s.add_argument("--batch-size", type=int, default=None)
@@ -188,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", required=True)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--ref-stats", required=True)
-    s.add_argument("--feature-net", default=None)
+    s.add_argument("--feature-weights", default=None, metavar="PATH",
+                   help="weights of the eval.feature_extractor network (digits: also the class_acc classifier)")
     s.add_argument("--metrics", nargs="*", default=None)
+    s.add_argument("--device", default=None,
+                   help="where the feature extractor and CLIP run (default: cuda if available, else cpu)")
     s = add("table", cmd_table, "render results/table1.csv from the metric files")
     s.add_argument("--results-dir", default="results")
     s.add_argument("--convergence", default=None, help="also write the runs' convergence records to this csv")
@@ -203,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--manifest", default=None, help="write the table's provenance manifest (json) here")
         t.add_argument("--teacher", default=None, help="(manifest) teacher weights the runs used")
         t.add_argument("--ref-stats", default=None, help="(manifest) reference statistics")
-        t.add_argument("--feature-net", default=None, help="(manifest) feature network weights")
+        t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
     from tfd.figures import add_figure_parser
     add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP

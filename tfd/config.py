@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import yaml
 
-
 # Rows that need no training: the teacher's Heun sampler and the teacher run once at sigma_max.
 SAMPLER_METHODS = ("heun", "onestep")
 
@@ -55,6 +54,9 @@ def _convert(tp, value, where):
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.init}
         unknown = sorted(set(value) - names)
+        renamed = getattr(tp, "RENAMED_KEYS", {})  # old key -> new key: say so instead of "unknown"
+        for old in (k for k in unknown if k in renamed):
+            raise ConfigError(f"{where}.{old} was renamed to {where}.{renamed[old]}")
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(names))})")
         kwargs = {}
@@ -136,28 +138,94 @@ class TeacherCfg:
 
 @dataclass
 class EvalCfg:
+    RENAMED_KEYS: typing.ClassVar[dict[str, str]] = {"feature_net": "feature_extractor"}
     num_samples: int = 1000
     base_seed: int = 0
     batch_size: int = 250
     shards: int = 1
-    feature_net: typing.Literal["digits", "inception"] = "digits"
-    metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim", "class_acc"])
+    feature_extractor: typing.Literal["digits", "inception"] = "digits"   # the FID feature network's kind
+    metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim",
+                                                        "class_acc"])   # names from eval.metrics.METRICS
     ref_stats: Optional[str] = None                      # None: computed by the DAG from the data
-    feature_extractor_weights_path: Optional[str] = None  # inception: torch-fidelity weights file
+    feature_extractor_weights_path: Optional[str] = None  # its weights (inception: torch-fidelity's file)
     fid_thresholds: list[float] = field(default_factory=list)  # table: iterations to reach each FID (Fig. 2)
-    convergence_samples: int = 500                       # samples per point of a run's convergence record (train.eval_every)
+    convergence_samples: int = 500                       # samples per point of a convergence record (train.eval_every)
+
+
+@dataclass
+class TrainCfg:
+    """The shared trainer's settings (`runs.<run>.train`; `tfd.trainer.Trainer`)."""
+    steps: int = 1000                     # training iterations (each calls train_step once)
+    lr: float = 1e-4
+    lr_by_network: dict[str, float] = field(default_factory=dict)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    warmup_steps: int = 100               # linear warm-up, then constant (paper Table 3)
+    grad_clip: float = 10.0               # max global grad norm per network; 0 disables
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    ema_halflife_steps: float = 0.0       # EMA of the generator; 0 disables (exports the online weights)
+    checkpoint_every: int = 200           # iterations between checkpoints
+    log_every: int = 20                   # iterations between stats.jsonl records
+    eval_every: int = 0                   # convergence record: every K iterations (0: off)
+    seed: int = 0
 
 
 @dataclass
 class RunCfg:
-    """One row of the table: a teacher sampler (`method: heun`) or a distillation run."""
+    """One row of the table: a teacher sampler (`method: heun` / `onestep`) or a distillation run.
+
+    Typed once, when the config is loaded (`resolve`): `train` becomes a `TrainCfg`, `params` the
+    method's own `Params` dataclass, `sampler` a `tfd.sampling.HeunCfg` (heun rows); the blocks a
+    row does not use are None. Every default lives in those dataclasses only."""
     method: str
     nfe: Optional[int] = None
-    sampler: dict[str, Any] = field(default_factory=dict)   # heun: steps, S_churn, ...
-    train: dict[str, Any] = field(default_factory=dict)     # overrides of tfd.trainer.TrainCfg
-    params: dict[str, Any] = field(default_factory=dict)    # method hyperparameters (method's own dataclass)
+    sampler: Any = None                   # heun: steps, S_churn, ... (tfd.sampling.HeunCfg)
+    train: Any = None                     # overrides of TrainCfg (training runs)
+    params: Any = None                    # method hyperparameters (the method's Params dataclass)
     label: Optional[str] = None                              # row label in the tables
     paper: dict[str, float] = field(default_factory=dict)   # the paper's reported numbers (shown as paper_*)
+
+    def resolve(self, where: str) -> "RunCfg":
+        """Type the `sampler` / `train` / `params` blocks in place; ConfigError naming `where.<block>`."""
+        from tfd.methods import METHODS  # late import: the methods import torch
+        from tfd.sampling import HeunCfg
+
+        def block(name, cls, used: bool):
+            value = getattr(self, name)
+            if not used:
+                if value not in (None, {}):
+                    raise ConfigError(f"{where}.{name}: a {self.method!r} row takes no {name} settings")
+                return None
+            if value is None or isinstance(value, dict):
+                return from_dict(cls, value or {}, f"{where}.{name}")
+            if not isinstance(value, cls):
+                raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
+            return value
+
+        if self.method in SAMPLER_METHODS:
+            params_cls = None
+        elif self.method in METHODS:
+            params_cls = METHODS[self.method].Params
+        else:
+            raise ConfigError(f"{where}.method: unknown method {self.method!r} "
+                              f"(known: {', '.join(sorted(SAMPLER_METHODS) + sorted(METHODS))})")
+        problems, typed = [], {}
+        trains = params_cls is not None
+        for name, cls, used in (("sampler", HeunCfg, self.method == "heun"), ("train", TrainCfg, trains),
+                                ("params", params_cls, trains)):
+            try:
+                typed[name] = block(name, cls, used)
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("\n  - ".join(problems))
+        self.sampler, self.train, self.params = typed["sampler"], typed["train"], typed["params"]
+        return self
+
+    @property
+    def trains(self) -> bool:
+        """True for a distillation run (it has a trainer and a generator), False for a sampler row."""
+        return self.method not in SAMPLER_METHODS
 
 
 @dataclass
@@ -224,7 +292,7 @@ def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> l
         block = deep_update(dataclasses.asdict(base), abl.overrides)
         block[section] = {**block[section], leaf: value}
         block.update(label=f"{abl.title or name}: {label}", paper={})
-        run = from_dict(RunCfg, block, f"{w}.values[{i}]")
+        run = from_dict(RunCfg, block, f"{w}.values[{i}]").resolve(f"{w}.values[{i}]")
         rname = by_key.get(_run_key(run))
         if rname is None:
             stem = f"{name}__" + (re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or str(i))
@@ -248,6 +316,14 @@ class BenchmarkCfg:
     ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
 
     def __post_init__(self):
+        problems = []
+        for name, run in self.runs.items():  # typed blocks, resolved once; every problem listed
+            try:
+                run.resolve(f"runs.{name}")
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError(problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems))
         for name, abl in self.ablations.items():  # adds the sweeps' runs to `runs`
             abl.variants = expand_ablation(self.runs, name, abl)
 
@@ -275,27 +351,16 @@ def check(cfg: Config) -> Config:
         problems.append(f"{w}.teacher.checkpoint: required for teacher.kind 'edm' (edm-imagenet-64x64-cond-adm.pkl, "
                         "or the safetensors `tfd convert-edm` makes from it)")
     if b.data.kind == "edm_zip" and not b.data.path:
-        problems.append(f"{w}.data.path: required for data.kind 'edm_zip' (EDM dataset zip made by EDM's dataset_tool.py)")
-    if b.eval.feature_net == "inception" and not b.eval.feature_extractor_weights_path:
-        problems.append(f"{w}.eval.feature_extractor_weights_path: required for feature_net 'inception' "
+        problems.append(f"{w}.data.path: required for data.kind 'edm_zip' "
+                        "(EDM dataset zip made by EDM's dataset_tool.py)")
+    if b.eval.feature_extractor == "inception" and not b.eval.feature_extractor_weights_path:
+        problems.append(f"{w}.eval.feature_extractor_weights_path: required for feature_extractor 'inception' "
                         "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    from eval.metrics import check_metric_names  # the metric registry: unknown or inapplicable names
+    problems += [f"{w}.eval.metrics: {p}" for p in check_metric_names(b.eval.metrics, b.eval.feature_extractor)]
     for r in b.table1:
         if r not in b.runs:
             problems.append(f"{w}.table1: run {r!r} is not defined in {w}.runs")
-    from tfd.methods import METHODS  # registry check (late import: methods import torch)
-    from tfd.trainer import TrainCfg
-    for rname, run in b.runs.items():
-        if run.method in SAMPLER_METHODS:
-            continue
-        if run.method not in METHODS:
-            problems.append(f"{w}.runs.{rname}.method: unknown method {run.method!r} "
-                            f"(known: {', '.join(sorted(SAMPLER_METHODS) + sorted(METHODS))})")
-            continue
-        for section, cls in (("params", METHODS[run.method].Params), ("train", TrainCfg)):
-            try:
-                from_dict(cls, getattr(run, section), f"{w}.runs.{rname}.{section}")
-            except ConfigError as e:
-                problems.append(str(e))
     for aname, abl in b.ablations.items():
         for bud in abl.budgets:
             if bud < 0:

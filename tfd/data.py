@@ -13,30 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def digits_arrays(split: str = "all", holdout: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes) scaled to [-1, 1].
-
-    Returns `(images [N,1,8,8] float32, labels [N] int64)`. `split` is `all`, `train` or `test`
-    (a fixed stratified hold-out of `holdout` of each class, chosen by `seed`).
-    """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values 0..16 -> [-1, 1]
-    y = d.target.astype(np.int64)
-    if split == "all":
-        return x, y
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        test[rng.choice(idx, size=int(round(holdout * len(idx))), replace=False)] = True
-    if split == "train":
-        return x[~test], y[~test]
-    if split == "test":
-        return x[test], y[test]
-    raise ValueError(f"unknown split {split!r}: expected 'all', 'train' or 'test'")
+from eval.digits_data import digits_arrays  # noqa: F401
 
 
 def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -71,36 +48,51 @@ def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class ClassBalancedSampler:
-    """Draws `k` examples of each of `G` classes (TFD: 4 positives + 4 anchors per class).
+    """"Give me `k` real examples of each of `G` conditions", for class conditions: draws `k`
+    examples of each of `G` classes (TFD: 4 positives + 4 anchors per class).
 
-    `sample(G, k)` returns images `[G, k, C, H, W]` and the classes `[G]`; classes are drawn
-    without replacement, examples within a class without replacement when the class has >= k.
+    `images` `[N, C, H, W]` float32, `labels` `[N]` int64 in `0 .. num_conditions - 1`
+    (default: `labels.max() + 1`). `sample(G, k)` returns images `[G, k, C, H, W]` and the
+    condition ids `[G]`; conditions are drawn without replacement (when G <= their number),
+    examples within a class without replacement when the class has >= k. `random_conditions(n)`
+    draws n condition ids uniformly with replacement (DMD2's labels). Every draw uses
+    `generator`, which the trainer checkpoints. Raises ValueError for a class with no example.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     generator: torch.Generator
+    num_conditions: int | None = None
 
     def __post_init__(self):
-        self.num_classes = int(self.labels.max()) + 1
-        self.by_class = [torch.nonzero(self.labels == c).flatten() for c in range(self.num_classes)]
+        top = int(self.labels.max()) + 1
+        if self.num_conditions is None:
+            self.num_conditions = top
+        elif top > self.num_conditions or int(self.labels.min()) < 0:
+            raise ValueError(f"labels range {int(self.labels.min())}..{top - 1} is outside the benchmark's "
+                             f"{self.num_conditions} conditions")
+        self.by_class = [torch.nonzero(self.labels == c).flatten() for c in range(self.num_conditions)]
         empty = [c for c, idx in enumerate(self.by_class) if len(idx) == 0]
         if empty:
             raise ValueError(f"classes {empty} have no examples")
 
-    def sample_classes(self, G: int) -> torch.Tensor:
-        if G <= self.num_classes:
-            return torch.randperm(self.num_classes, generator=self.generator)[:G]
-        return torch.randint(self.num_classes, (G,), generator=self.generator)
+    def sample_conditions(self, G: int) -> torch.Tensor:
+        if G <= self.num_conditions:
+            return torch.randperm(self.num_conditions, generator=self.generator)[:G]
+        return torch.randint(self.num_conditions, (G,), generator=self.generator)
 
-    def sample(self, G: int, k: int, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = self.sample_classes(G) if classes is None else classes
+    def random_conditions(self, n: int) -> torch.Tensor:
+        """n condition ids `[n]` int64, uniform with replacement."""
+        return torch.randint(max(self.num_conditions, 1), (n,), generator=self.generator)
+
+    def sample(self, G: int, k: int, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        conditions = self.sample_conditions(G) if conditions is None else conditions
         out = []
-        for c in classes.tolist():
+        for c in conditions.tolist():
             idx = self.by_class[c]
             if len(idx) >= k:
                 pick = idx[torch.randperm(len(idx), generator=self.generator)[:k]]
             else:
                 pick = idx[torch.randint(len(idx), (k,), generator=self.generator)]
             out.append(self.images[pick])
-        return torch.stack(out), classes
+        return torch.stack(out), conditions

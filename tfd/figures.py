@@ -1,7 +1,8 @@
 """Figures rendered from result files (the TFD paper's Figures 2-4 and sample grids).
 
 Every figure is drawn only from what its input files hold, and written as both `<stem>.png`
-(150 dpi) and `<stem>.pdf`, each atomically (temp file in the same folder, then `os.replace`).
+(150 dpi) and `<stem>.pdf`, each atomically (`eval.io.atomic_write`: temp file in the same folder,
+then `os.replace`).
 
     convergence  FID vs training iterations per run, first crossings of FID thresholds (Fig. 2)
     samples      a grid of generated samples: one row per class, first N of each class
@@ -15,7 +16,6 @@ matplotlib (Agg backend) and pandas are imported only when a figure is drawn, so
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -51,22 +51,18 @@ def _stem(out_stem) -> Path:
 
 
 def save_figure(fig, out_stem) -> list[Path]:
-    """Write `fig` as <stem>.png and <stem>.pdf atomically, close it, return the two paths."""
+    """Write `fig` as <stem>.png and <stem>.pdf atomically (`eval.io.atomic_write`), close it,
+    return the two paths."""
+    from eval.io import atomic_write
+
     plt = _plt()
     stem = _stem(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
         for fmt in ("png", "pdf"):
-            path = stem.with_name(f"{stem.name}.{fmt}")
-            tmp = stem.with_name(f".{stem.name}.{fmt}.tmp{os.getpid()}")
             meta = {"CreationDate": None} if fmt == "pdf" else None  # reproducible PDFs
-            try:
-                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            paths.append(path)
+            paths.append(atomic_write(stem.with_name(f"{stem.name}.{fmt}"), lambda f: fig.savefig(
+                f, format=fmt, dpi=DPI, bbox_inches="tight", metadata=meta)))
     finally:
         plt.close(fig)
     return paths
@@ -79,10 +75,13 @@ def _read_csv(path):
 
 
 def fid_column(columns) -> str:
-    """The first column named `fid*` that is not a sample count (`*_n`); ValueError if none."""
-    for c in columns:
-        if str(c).startswith("fid") and not str(c).endswith("_n"):
-            return str(c)
+    """The first column named `fid*` that is not a sample count (`*_n`; `eval.metrics.fid_key`);
+    ValueError if none."""
+    from eval.metrics import fid_key
+
+    col = fid_key(columns)
+    if col is not None:
+        return col
     raise ValueError(f"no FID column (a name starting with 'fid', not ending with '_n') in {list(columns)}")
 
 
@@ -109,7 +108,8 @@ def load_samples(npz_path) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got {images.dtype} {images.shape}")
+        raise ValueError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
+                         f"got {images.dtype} {images.shape}")
     if len(labels) != len(images):
         raise ValueError(f"{npz_path}: {len(images)} images but {len(labels)} labels")
     return images, labels

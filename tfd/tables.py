@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from eval.metrics import fid_key
 from tfd.config import Config
 from tfd.runs import run_nfe
-from tfd.utils import atomic_write_json, atomic_write_text, provenance
+from tfd.utils import atomic_write_json, atomic_write_text, file_sha256, provenance
 
 
 def run_dir(results_dir, bench: str, method: str, run: str) -> Path:
@@ -27,29 +28,31 @@ def collect_row(cfg: Config, results_dir, run_name: str) -> dict:
     train = d / "train.json"
     if train.is_file():
         t = json.loads(train.read_text())
-        row["updates"] = t.get("updates")
+        row["iters"] = t.get("iters")
         row["generator_updates"] = t.get("generator_updates")
         row["train_wall_s"] = round(t.get("train_wall_s", float("nan")), 1)
         row["ms_per_generator_update"] = round(1e3 * t.get("wall_s_per_generator_update", float("nan")), 1)
     curve = read_convergence(d)
     for thr in b.eval.fid_thresholds:
-        row[f"updates_to_fid<={thr:g}"] = updates_to_reach(curve, thr)
+        row[f"iters_to_fid<={thr:g}"] = iters_to_reach(curve, thr)
     for k, v in run.paper.items():
         row[f"paper_{k}"] = v
     return row
 
 
 def read_convergence(d: Path) -> list[dict]:
-    """The run's convergence record (`convergence.jsonl`: FID on a fixed sample set every K updates)."""
+    """The run's convergence record (`convergence.jsonl`: FID on a fixed sample set every K iterations)."""
     f = d / "convergence.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
 def _fid(rec: dict):
-    return next((v for k, v in rec.items() if k.startswith("fid") and not k.endswith("_n")), None)
+    """The record's FID value (the key chosen by `eval.metrics.fid_key`), or None."""
+    key = fid_key(rec)
+    return None if key is None else rec[key]
 
 
-def updates_to_reach(curve: list[dict], threshold: float):
+def iters_to_reach(curve: list[dict], threshold: float):
     """First training iteration at which the recorded FID is <= threshold (None: never, or no record)."""
     for rec in curve:
         fid = _fid(rec)
@@ -59,7 +62,7 @@ def updates_to_reach(curve: list[dict], threshold: float):
 
 
 def best_within(curve: list[dict], budget: int):
-    """Best (lowest) recorded FID no later than `budget` updates: the paper's budgeted FID
+    """Best (lowest) recorded FID no later than `budget` iterations: the paper's budgeted FID
     (Tables 4-7, "the best FID observed no later than the specified update budget")."""
     fids = [_fid(r) for r in curve if r["step"] <= budget and _fid(r) is not None]
     return min(fids) if fids else None
@@ -75,7 +78,7 @@ def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
     import html
 
     for c in df.columns:
-        if c in ("nfe", "updates", "generator_updates") or c.startswith("updates_to_"):
+        if c in ("nfe", "iters", "generator_updates") or c.startswith("iters_to_"):
             df[c] = df[c].astype("Int64")  # counts with gaps stay integers: 200, not 200.0
         elif df[c].dtype == float and c not in ("train_wall_s",):
             df[c] = df[c].round(4)
@@ -114,7 +117,7 @@ def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
 def ablation_budgets(cfg: Config, name: str) -> list[int]:
     b = cfg.bench()
     abl = b.ablations[name]
-    return abl.budgets or sorted({int(b.runs[r].train.get("steps", 1000)) for _, r in abl.variants})
+    return abl.budgets or sorted({b.runs[r].train.steps for _, r in abl.variants})
 
 
 def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) -> pd.DataFrame:
@@ -131,12 +134,12 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
         run = b.runs[rname]
         d = run_dir(results_dir, cfg.benchmark, run.method, rname)
         curve = read_convergence(d)
-        fid_name = next((k for r in curve for k in r if k.startswith("fid") and not k.endswith("_n")), "fid")
+        fid_name = fid_key((k for r in curve for k in r), "fid")
         row = {"ablation": name, "variant": label, "run": rname}
         for bud in budgets:
             row[f"best_{fid_name}@{bud}"] = best_within(curve, bud)
         train = d / "train.json"
-        row["updates"] = json.loads(train.read_text()).get("updates") if train.is_file() else None
+        row["iters"] = json.loads(train.read_text()).get("iters") if train.is_file() else None
         for metric in b.eval.metrics:
             f = d / "metrics" / f"{metric}.json"
             row[f"final_{metric}"] = json.loads(f.read_text())["value"] if f.is_file() else None
@@ -146,7 +149,7 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
     conv_n = b.eval.convergence_samples
     note = (f"Ablation `{name}` ({abl.title or abl.key}), benchmark `{cfg.benchmark}`, base run `{abl.base}`, "
             f"varying `{abl.key}`. Measured by this suite. `best_<fid>@N`: the lowest FID of the run's "
-            f"convergence record ({conv_n} samples, every train.eval_every updates) no later than N updates, "
+            f"convergence record ({conv_n} samples, every train.eval_every iterations) no later than N iterations, "
             f"as the paper reports its ablations; `final_*`: the final generator on eval.num_samples "
             f"= {b.eval.num_samples} samples. One training seed per variant.")
     _write_csv_md(df, out, note)
@@ -156,8 +159,6 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
 
 
 def _file_entry(path: Path) -> dict:
-    from eval.features import file_sha256
-
     if not path.is_file():
         return {"path": str(path), "exists": False}
     return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
@@ -193,11 +194,11 @@ def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str
                 metrics[metric]["value"] = m.get("value")
                 p = m.get("provenance", {})
                 made_by.setdefault("metrics", {k: p.get(k) for k in ("git_commit", "versions")})
-        train_seed = run.train.get("seed", 0) if run.method not in ("heun", "onestep") else None
+        train_seed = run.train.seed if run.trains else None
         entries[rname] = {"method": run.method, "label": run.label, "dir": str(d), "config": asdict(run),
                           "seeds": {"train": train_seed, "eval_base_seed": b.eval.base_seed,
                                     "eval_num_samples": b.eval.num_samples,
-                                    "rule": "image i: seed eval_base_seed + i, class i % num_classes"},
+                                    "rule": "image i: seed eval_base_seed + i, condition conditions[i % len]"},
                           "files": files, "metrics": metrics, "made_by": made_by}
     manifest = {"table": str(table), "benchmark": cfg.benchmark, "rows": list(runs),
                 "config_file": _file_entry(Path(config_file)) if config_file else None,

@@ -10,20 +10,22 @@ import torch
 from tqdm import tqdm
 
 from tfd.config import TeacherCfg
-from tfd.teacher import one_hot
+from tfd.denoiser import EDMDenoiser
 from tfd.utils import JsonlLogger, atomic_write_json, provenance
 
 
-def edm_loss(net, x, labels, P_mean: float = -1.2, P_std: float = 1.2):
-    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lambda and p_train)."""
+def edm_loss(net, x, cond, P_mean: float = -1.2, P_std: float = 1.2):
+    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's lambda and p_train) of a
+    `Denoiser` on clean samples x `[N, *sample_shape]` with condition ids cond `[N]`; a scalar."""
     sd = net.sigma_data
-    sigma = (torch.randn([x.shape[0], 1, 1, 1], device=x.device) * P_std + P_mean).exp()
+    sigma = (torch.randn([x.shape[0], *([1] * (x.ndim - 1))], device=x.device) * P_std + P_mean).exp()
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    D = net(x + torch.randn_like(x) * sigma, sigma, labels)
+    D = net.denoise(x + torch.randn_like(x) * sigma, sigma, cond)
     return (weight * (D - x) ** 2).mean()
 
 
-def build_student_arch(cfg: TeacherCfg, label_dim: int, resolution: int, channels: int):
+def build_teacher_arch(cfg: TeacherCfg, label_dim: int, resolution: int, channels: int):
+    """The untrained embedded teacher (`EDMPrecond`, the `digits` preset with `cfg.arch_overrides`)."""
     from tfd.networks import edm
 
     if cfg.arch != "digits":
@@ -35,13 +37,12 @@ def build_student_arch(cfg: TeacherCfg, label_dim: int, resolution: int, channel
 
 def train_teacher(cfg: TeacherCfg, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   out: str | Path, progress: bool = True) -> dict:
-    """Train with Adam + warm-up, keep an EMA (half-life in steps), save the EMA as the teacher."""
-    from tfd.networks.convert import save_edm_safetensors
-
+    """Train with Adam + warm-up, keep an EMA (half-life in steps), save the EMA as the teacher.
+    images `[N, C, H, W]` float32 in [-1, 1], labels `[N]` int64 class indices."""
     out = Path(out)
     t = cfg.train
     torch.manual_seed(t.seed)
-    net = build_student_arch(cfg, num_classes, images.shape[-1], images.shape[1]).train()
+    net = EDMDenoiser(build_teacher_arch(cfg, num_classes, images.shape[-1], images.shape[1]), trainable=True).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.99), eps=1e-8)
     beta = 0.5 ** (1.0 / max(t.ema_halflife_steps, 1e-8))
@@ -51,7 +52,7 @@ def train_teacher(cfg: TeacherCfg, images: torch.Tensor, labels: torch.Tensor, n
     bar = tqdm(range(t.steps), desc="train-teacher", disable=not progress, mininterval=2)
     for step in bar:
         idx = torch.randint(len(images), (t.batch_size,), generator=gen)
-        loss = edm_loss(net, images[idx], one_hot(labels[idx], num_classes))
+        loss = edm_loss(net, images[idx], labels[idx])
         for g in opt.param_groups:
             g["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
         opt.zero_grad(set_to_none=True)
@@ -71,7 +72,7 @@ def train_teacher(cfg: TeacherCfg, images: torch.Tensor, labels: torch.Tensor, n
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             running = 0.0
     wall = time.time() - start
-    save_edm_safetensors(ema, out)
+    ema.save(out)
     info = {"steps": t.steps, "wall_s": wall, "params": sum(p.numel() for p in net.parameters()),
             **provenance(config=asdict(cfg))}
     atomic_write_json(out.with_suffix(".json"), info)

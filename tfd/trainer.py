@@ -11,49 +11,28 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
 from tfd import dist
-from tfd.utils import JsonlLogger, atomic_write_json, provenance
-
-
-@dataclass
-class TrainCfg:
-    steps: int = 1000                     # training iterations (each calls train_step once)
-    lr: float = 1e-4
-    lr_by_network: dict[str, float] = field(default_factory=dict)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    warmup_steps: int = 100               # linear warm-up, then constant (paper Table 3)
-    grad_clip: float = 10.0               # max global grad norm per network; 0 disables
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    ema_halflife_steps: float = 0.0       # EMA of the generator; 0 disables (exports the online weights)
-    checkpoint_every: int = 200
-    log_every: int = 20
-    eval_every: int = 0                   # convergence record: call eval_fn every K steps (0: off)
-    seed: int = 0
+from tfd.config import TrainCfg  # noqa: F401  (re-exported: the trainer's settings)
+from tfd.utils import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Runs `method.train_step` for `cfg.steps` steps in `run_dir`.
 
     Files: `run_dir/ckpt/training-state.pt` (resume state: networks, optimisers, EMA, RNG, step),
-    `run_dir/generator.safetensors` (exported generator, EDM format), `stats.jsonl`, `train.json`.
+    `run_dir/generator.safetensors` (the exported generator, written by its `Denoiser.save`),
+    `stats.jsonl`, `train.json`.
     """
 
     def __init__(self, method, cfg: TrainCfg, run_dir: str | Path, device="cpu",
@@ -73,7 +52,8 @@ class Trainer:
                                     weight_decay=cfg.weight_decay)
             for name, net in self.nets.items()}
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        self.ema = copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False) if cfg.ema_halflife_steps > 0 else None
+        self.ema = (copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False)
+                    if cfg.ema_halflife_steps > 0 else None)
         self.step = 0
         self.train_wall_s = 0.0
         self.updates = {name: 0 for name in self.nets}   # optimiser steps per network (DMD2: generator every 5th)
@@ -112,12 +92,17 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["rng"]["cuda"])
         self.method.data.generator.set_state(s["rng"]["data"])
 
+    def _rank_ckpt_path(self) -> Path:
+        """This rank's checkpoint: `training-state.pt` (rank 0) or `training-state-rank<r>.pt`."""
+        rank = dist.get_rank()
+        return self.ckpt_path if rank == 0 else self.ckpt_path.with_name(f"training-state-rank{rank}.pt")
+
     def save_checkpoint(self) -> None:
         """Per-rank RNG differs, so every rank keeps its own file; rank 0's also holds the weights."""
         state = self.state_dict()
-        path = self.ckpt_path if dist.get_rank() == 0 else self.ckpt_path.with_name(f"training-state-rank{dist.get_rank()}.pt")
+        path = self._rank_ckpt_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(state, path)
+        atomic_torch_save(state, path)
         dist.barrier()
 
     # Settings that may change between a run and its resumption (e.g. extending `steps`).
@@ -131,8 +116,7 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Resume from this run's checkpoint; one written with other settings is set aside, not resumed."""
-        rank = dist.get_rank()
-        path = self.ckpt_path if rank == 0 else self.ckpt_path.with_name(f"training-state-rank{rank}.pt")
+        path = self._rank_ckpt_path()
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -146,11 +130,11 @@ class Trainer:
         return True
 
     def export_generator(self) -> Path:
-        from tfd.networks.convert import save_edm_safetensors
+        """Write the generator (its EMA when enabled) with its own `save()` (rank 0)."""
         net = self.ema if self.ema is not None else self.nets["generator"]
         out = self.run_dir / "generator.safetensors"
         if dist.get_rank() == 0:
-            save_edm_safetensors(net, out)
+            net.save(out)
         return out
 
     # -- one update ----------------------------------------------------------------------------
@@ -171,7 +155,32 @@ class Trainer:
             g.copy_(flat[i:i + g.numel()].view_as(g))
             i += g.numel()
 
+    def _step_network(self, name: str, loss: torch.Tensor, metrics: dict) -> None:
+        """Backward, all-reduce, unscale, clip, warm-up lr and one optimiser step of one network."""
+        net, opt = self.nets[name], self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._allreduce_grads(net)
+        self.scaler.unscale_(opt)
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+            metrics[f"grad_norm/{name}"] = float(norm)
+        for g in opt.param_groups:
+            g["lr"] = self.cfg.lr_by_network.get(name, self.cfg.lr) * self._lr_scale()
+        self.scaler.step(opt)
+        self.updates[name] += 1
+        metrics[f"loss/{name}"] = float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA of the generator with half-life `ema_halflife_steps` iterations."""
+        beta = 0.5 ** (1.0 / self.cfg.ema_halflife_steps)
+        for pe, p in zip(self.ema.parameters(), self.nets["generator"].parameters()):
+            pe.lerp_(p, 1 - beta)
+
     def train_one_step(self) -> dict:
+        """One training iteration: `make_batch`, `train_step` under autocast, the NaN guard, then
+        one optimiser step per returned loss (in dict order) and the EMA. Returns the metrics."""
         batch = self.method.make_batch()
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
@@ -183,38 +192,35 @@ class Trainer:
                                 "lower the learning rate or use fp32/bf16 and resume.")
         metrics = dict(out.metrics)
         for name, loss in out.losses.items():
-            net, opt = self.nets[name], self.opts[name]
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self._allreduce_grads(net)
-            self.scaler.unscale_(opt)
-            if self.cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-                metrics[f"grad_norm/{name}"] = float(norm)
-            for g in opt.param_groups:
-                g["lr"] = self.cfg.lr_by_network.get(name, self.cfg.lr) * self._lr_scale()
-            self.scaler.step(opt)
-            self.updates[name] += 1
-            metrics[f"loss/{name}"] = float(loss.detach())
+            self._step_network(name, loss, metrics)
         self.scaler.update()
         if self.ema is not None:
-            beta = 0.5 ** (1.0 / self.cfg.ema_halflife_steps)
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.nets["generator"].parameters()):
-                    pe.lerp_(p, 1 - beta)
+            self._update_ema()
         self.step += 1
         return metrics
 
     # -- loop ----------------------------------------------------------------------------------
+    def _record_convergence(self, conv) -> None:
+        """One point of the convergence record: the eval_fn's FID of the generator (its EMA when
+        enabled) at this iteration, with the generator update count and the training wall time."""
+        net = self.ema if self.ema is not None else self.nets["generator"]
+        conv.write({"step": self.step, "generator_updates": self.updates["generator"],
+                    "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
+
     def fit(self, resume: bool = True) -> dict:
+        """Train to `cfg.steps` iterations (resuming from this run's checkpoint by default), export
+        the generator, write `train.json`; returns its contents."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1000 + dist.get_rank())  # per-rank seed offset
         if not (resume and self.try_resume()) and dist.get_rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = JsonlLogger(self.run_dir / "stats.jsonl", append=self.step > 0) if dist.get_rank() == 0 else None
-        conv = JsonlLogger(self.run_dir / "convergence.jsonl", append=self.step > 0) if dist.get_rank() == 0 else None
-        if self.eval_fn is not None and cfg.eval_every and self.step == 0 and conv:
-            conv.write({"step": 0, "generator_updates": 0, "train_wall_s": 0.0, **self.eval_fn(self.nets["generator"], 0)})
+        rank0 = dist.get_rank() == 0
+        log = JsonlLogger(self.run_dir / "stats.jsonl", append=self.step > 0) if rank0 else None
+        conv = JsonlLogger(self.run_dir / "convergence.jsonl", append=self.step > 0) if rank0 else None
+        recording = self.eval_fn is not None and cfg.eval_every > 0 and conv is not None
+        if recording and self.step == 0:  # the initial generator (the EMA equals it at step 0)
+            conv.write({"step": 0, "generator_updates": 0, "train_wall_s": 0.0,
+                        **self.eval_fn(self.nets["generator"], 0)})
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method.name}",
                    disable=not self.progress, mininterval=2)
         acc: dict[str, float] = {}
@@ -229,7 +235,8 @@ class Trainer:
                 cnt[k] = cnt.get(k, 0) + 1
             n_acc += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            last = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or last:
                 rec = {"step": self.step, **{k: v / cnt[k] for k, v in acc.items()},
                        "lr_scale": self._lr_scale(), "steps_per_s": n_acc / max(time.time() - t_log, 1e-9),
                        "train_wall_s": self.train_wall_s}
@@ -237,16 +244,14 @@ class Trainer:
                     log.write(rec)
                 bar.set_postfix(loss=f"{rec.get('loss', 0.0):.4g}")
                 acc, cnt, n_acc, t_log = {}, {}, 0, time.time()
-            if self.eval_fn is not None and cfg.eval_every and conv and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                net = self.ema if self.ema is not None else self.nets["generator"]
-                conv.write({"step": self.step, "generator_updates": self.updates["generator"],
-                            "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if recording and (self.step % cfg.eval_every == 0 or last):
+                self._record_convergence(conv)
+            if self.step % cfg.checkpoint_every == 0 or last:
                 self.save_checkpoint()
         bar.close()
         out = self.export_generator()
         gen_updates = self.updates["generator"]
-        info = {"method": self.method.name, "updates": self.step, "network_updates": dict(self.updates),
+        info = {"method": self.method.name, "iters": self.step, "network_updates": dict(self.updates),
                 "generator_updates": gen_updates, "train_wall_s": self.train_wall_s,
                 "wall_s_per_generator_update": self.train_wall_s / max(gen_updates, 1),
                 "world_size": dist.get_world_size(), "generator": str(out),

@@ -1,54 +1,22 @@
-"""Small shared helpers: atomic writes, provenance, seeding."""
+"""Small shared helpers: the JSONL logger; atomic writes, hashing and provenance come from `eval.io`
+(re-exported here, so `tfd` code keeps importing them from `tfd.utils`)."""
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import time
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def package_versions(names=("torch", "numpy", "tfd-bench", "torch-fidelity", "clean-fid", "snakemake")) -> dict:
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    out["python"] = platform.python_version()
-    return out
-
-
-def provenance(**extra) -> dict:
-    """What produced an output: git commit, package versions, host, time, plus `extra`."""
-    return {"git_commit": git_commit(), "versions": package_versions(), "host": platform.node(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+from eval.io import (  # noqa: F401  (re-exports)
+    atomic_savez,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    git_commit,
+    package_versions,
+    provenance,
+)
 
 
 class JsonlLogger:

@@ -31,8 +31,22 @@ class StepOutput:
     metrics: dict[str, float]
 
 
+def input_sigma(params, generator) -> float:
+    """The one-step generator's input noise level: `params.generator_sigma` when the method has
+    one and it is set, else the generator denoiser's own `sigma_max` (EDM nets: 80)."""
+    s = getattr(params, "generator_sigma", None)
+    return float(s) if s is not None else float(generator.sigma_max)
+
+
 class Method:
-    """Base class. Subclasses set `Params` and implement the four methods below."""
+    """Base class. Subclasses set `Params` and implement the four methods below.
+
+    `teacher` is a frozen `tfd.denoiser.Denoiser`; `data` draws real examples per condition
+    (`tfd.data.ClassBalancedSampler`: `sample(G, k) -> (x [G, k, *sample_shape], cond [G])`,
+    `random_conditions(n) -> cond [n]`, and `.generator`, which the trainer checkpoints).
+    Networks are `Denoiser`s made with `teacher.copy()`, called through `.denoise` / `.features`
+    with int64 condition ids; a method never reads raw network attributes.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type]
@@ -41,11 +55,12 @@ class Method:
         self.teacher, self.data, self.params, self.device = teacher, data, params, device
 
     def networks(self) -> dict[str, torch.nn.Module]:
-        """Trainable networks by name; each gets its own optimiser. `generator` is exported."""
+        """Trainable networks by name; each gets its own optimiser. `generator` (a `Denoiser`)
+        is exported with its `save()`."""
         raise NotImplementedError
 
     def make_batch(self) -> Any:
-        """Draw this step's real data (positives, anchors, labels) from `self.data`, whose
+        """Draw this step's real data (positives, anchors, conditions) from `self.data`, whose
         generator state the trainer checkpoints."""
         raise NotImplementedError
 
@@ -53,11 +68,11 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def sampler_for(cls, generator, params, shape):
-        """`sampler(labels, rnd)` for evaluation from an exported generator (a `Teacher`-wrapped
-        EDM network); default: one step `x = D(sigma_max z; sigma_max, c)`."""
+    def sampler_for(cls, generator, params):
+        """`sampler(cond, rnd)` for evaluation from an exported generator (a `Denoiser`); default:
+        one step `x = D(s z; s, c)` at `s = input_sigma(params, generator)`."""
         from tfd.sampling import one_step_sampler
-        return one_step_sampler(generator, shape, getattr(params, "sigma_max", 80.0))
+        return one_step_sampler(generator, input_sigma(params, generator))
 
 
 def get_method(name: str) -> type[Method]:
@@ -67,7 +82,7 @@ def get_method(name: str) -> type[Method]:
 
 
 # Registry lines: importing a module registers its method.
-from tfd.methods import tfd as _tfd  # noqa: E402,F401
-from tfd.methods import dmd2 as _dmd2  # noqa: E402,F401
 from tfd.methods import cd as _cd  # noqa: E402,F401
+from tfd.methods import dmd2 as _dmd2  # noqa: E402,F401
 from tfd.methods import drift as _drift  # noqa: E402,F401
+from tfd.methods import tfd as _tfd  # noqa: E402,F401

@@ -15,11 +15,13 @@ d(f_theta(x_t, sigma_n), stopgrad(f_theta-(x_hat, sigma_{n+1}))), uniform weight
 
 Consistency function: f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4, c) with the boundary
 scalings c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = (s - smin) sd / sqrt(s^2 + sd^2),
-c_in = 1 / sqrt(s^2 + sd^2), so f(x, smin) = x exactly. F is the EDM network's inner UNet
-(`net.model`). The student is initialised with the teacher's raw F (its whole EDMPrecond
-state_dict), as openai/consistency_models loads the teacher's weights into the student;
-the teacher's EDM scalings differ from the CM ones only by O(smin / s) at large s, so the
-initial one-step generator f(80 z, 80) is the teacher's one-step output up to ~3e-5 relative.
+c_in = 1 / sqrt(s^2 + sd^2), so f(x, smin) = x exactly. F is the denoiser's raw network output
+(`Denoiser.raw`: for EDM nets the inner UNet with EDM's own c_in and c_noise = ln(s)/4, which
+equal the CM ones); smin, sigma_max and sd are the teacher denoiser's. The student is
+initialised with the teacher's raw F (the whole teacher state_dict), as openai/consistency_models
+loads the teacher's weights into the student; the teacher's EDM scalings differ from the CM
+ones only by O(smin / s) at large s, so the initial one-step generator f(80 z, 80) is the
+teacher's one-step output up to ~3e-5 relative.
 
 Target network and resume: theta- (EMA 0.95 of the online weights, updated after every
 optimiser step) is the network entry `target` of `networks()`. It never receives a loss, so the
@@ -28,12 +30,12 @@ and restored strictly on resume. The update theta- <- mu theta- + (1 - mu) theta
 of every `train_step`, with the online weights left by the previous step's update (step 0: the
 target equals the online network, so the update is the identity); a resumed run therefore does
 exactly what an uninterrupted one does. The target is kept out of the `generator` module so the
-exported generator is a plain EDMPrecond (a submodule would add keys that `save_edm_safetensors`
-would write and strict loading would reject, and the trainer's EMA would copy it).
+exported generator is a plain denoiser (a submodule would add keys that its `save` would write
+and strict loading would reject, and the trainer's EMA would copy it).
 
-Exported generator: the online network (or the trainer's EMA of it) is saved as an EDMPrecond
-holding F; its own `forward` applies EDM's scalings, NOT the consistency function, so
-`sampler_for` is overridden: one step x = f(80 z, 80) rebuilt from the loaded network's `model`.
+Exported generator: the online network (or the trainer's EMA of it) is saved as a denoiser
+holding F; its own `denoise` applies EDM's scalings, NOT the consistency function, so
+`sampler_for` is overridden: one step x = f(s z, s), s = sigma_max, rebuilt from `raw`.
 """
 from __future__ import annotations
 
@@ -45,17 +47,14 @@ import torch
 
 from tfd.methods import Method, StepOutput, register
 from tfd.sampling import karras_sigmas
-from tfd.teacher import one_hot
 
 
 @dataclass
 class CDParams:
-    batch_size: int = 32                  # real samples per step (classes drawn by the data sampler)
+    batch_per_rank: int = 32              # real samples per step per process (conditions drawn by the data sampler)
     metric: Literal["l2", "huber"] = "l2"
     huber_c: float = 0.0                  # pseudo-Huber c; 0: iCT's 0.00054 * sqrt(C*H*W)
-    num_scales: int = 40                  # N of the discretisation
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    num_scales: int = 40                  # N of the discretisation of the teacher's sigma_min..sigma_max
     rho: float = 7.0
     target_ema: float = 0.95              # mu of the target network theta-
 
@@ -68,22 +67,15 @@ def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float):
     return c_skip, c_out, c_in
 
 
-def consistency_fn(net, x: torch.Tensor, sigma, class_labels, sigma_min: float = 0.002) -> torch.Tensor:
-    """f(x, s) = c_skip x + c_out F(c_in x, ln(s)/4, c) with F = `net.model` of an EDMPrecond
-    (labels and fp16 handled as in EDMPrecond.forward)."""
+def consistency_fn(net, x: torch.Tensor, sigma, cond) -> torch.Tensor:
+    """f(x, s) = c_skip x + c_out F(c_in x, ln(s)/4, c) (Song et al. 2023, Eq. 8 with EDM's c_in):
+    F = `net.raw` of a `Denoiser`, smin / sd = its sigma_min / sigma_data. x `[N, *sample_shape]`,
+    sigma scalar or `[N]`, cond `[N]` int64 condition ids -> float32 like x."""
     x = x.to(torch.float32)
-    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-    sigma = sigma.expand(x.shape[0], 1, 1, 1)
-    if net.label_dim == 0:
-        class_labels = None
-    elif class_labels is None:
-        class_labels = torch.zeros([1, net.label_dim], device=x.device)
-    else:
-        class_labels = class_labels.to(torch.float32).reshape(-1, net.label_dim)
-    dtype = torch.float16 if (net.use_fp16 and x.device.type == "cuda") else torch.float32
-    c_skip, c_out, c_in = cm_scalings(sigma, sigma_min, net.sigma_data)
-    F_x = net.model((c_in * x).to(dtype), (sigma.log() / 4).flatten(), class_labels=class_labels)
-    return c_skip * x + c_out * F_x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    sigma = sigma.expand(x.shape[0], *sigma.shape[1:])
+    c_skip, c_out, _ = cm_scalings(sigma, net.sigma_min, net.sigma_data)
+    return c_skip * x + c_out * net.raw(x, sigma, cond)
 
 
 @register("cd")
@@ -95,24 +87,24 @@ class CD(Method):
         p = params
         if p.num_scales < 2:
             raise ValueError(f"num_scales must be >= 2, got {p.num_scales}")
-        self.online = teacher.copy_network()
+        self.online = teacher.copy()
         # Never stepped (no loss is returned for it); requires_grad stays on only because the
         # trainer builds an optimiser per entry and refuses an empty parameter list.
-        self.target = teacher.copy_network()
-        self.sigmas = karras_sigmas(p.num_scales, p.sigma_min, p.sigma_max, p.rho).float().to(device)  # descending
-        n = teacher.net
-        d = n.img_channels * n.img_resolution ** 2
+        self.target = teacher.copy()
+        self.sigmas = karras_sigmas(p.num_scales, teacher.sigma_min, teacher.sigma_max,
+                                    p.rho).float().to(device)  # descending
+        d = math.prod(teacher.sample_shape)
         self.huber_c = p.huber_c if p.huber_c > 0 else 0.00054 * math.sqrt(d)
 
     def networks(self):
         return {"generator": self.online, "target": self.target}
 
     def make_batch(self):
-        """All of a step's randomness (as TFD): real samples and labels (data sampler's
+        """All of a step's randomness (as TFD): real samples and conditions (data sampler's
         generator), the grid index n ~ U{0..N-2} and the noise z (torch's RNG)."""
-        x, classes = self.data.sample(self.params.batch_size, 1)
+        x, cond = self.data.sample(self.params.batch_per_rank, 1)
         x = x[:, 0].to(self.device)
-        return {"x": x, "labels": classes.to(self.device),
+        return {"x": x, "cond": cond.to(self.device),
                 "n": torch.randint(0, self.params.num_scales - 1, (x.shape[0],), device=self.device),
                 "z": torch.randn_like(x)}
 
@@ -125,15 +117,12 @@ class CD(Method):
         for bt, bo in zip(self.target.buffers(), self.online.buffers()):
             bt.copy_(bo)
 
-    def f(self, net, x, sigma, labels):
-        return consistency_fn(net, x, sigma, one_hot(labels, self.teacher.num_classes), self.params.sigma_min)
-
     @torch.no_grad()
-    def heun_step(self, x, t, t_next, labels):
+    def heun_step(self, x, t, t_next, cond):
         """One Heun step of the teacher's PF-ODE dx/ds = (x - D(x; s)) / s from t to t_next (> 0)."""
-        d = (x - self.teacher.denoise(x, t, labels)) / t
+        d = (x - self.teacher.denoise(x, t, cond)) / t
         x_next = x + (t_next - t) * d
-        d2 = (x_next - self.teacher.denoise(x_next, t_next, labels)) / t_next
+        d2 = (x_next - self.teacher.denoise(x_next, t_next, cond)) / t_next
         return x + (t_next - t) * 0.5 * (d + d2)
 
     def distance(self, a, b):
@@ -145,28 +134,26 @@ class CD(Method):
 
     def train_step(self, batch, step):
         self.update_target()  # uses the online weights left by the previous step's update
-        x0, labels, n = batch["x"], batch["labels"], batch["n"]
+        x0, cond, n = batch["x"], batch["cond"], batch["n"]
         t = self.sigmas[n].reshape(-1, 1, 1, 1)
         t2 = self.sigmas[n + 1].reshape(-1, 1, 1, 1)
         x_t = x0 + t * batch["z"]
-        pred = self.f(self.online, x_t, t, labels)
+        pred = consistency_fn(self.online, x_t, t, cond)
         with torch.no_grad():
-            x_hat = self.heun_step(x_t, t, t2, labels)
-            target = self.f(self.target, x_hat, t2, labels)
+            x_hat = self.heun_step(x_t, t, t2, cond)
+            target = consistency_fn(self.target, x_hat, t2, cond)
         loss = self.distance(pred, target).mean()
         return StepOutput(losses={"generator": loss},
                           metrics={"loss": loss.item(), "sigma_mean": t.mean().item()})
 
     @classmethod
-    def sampler_for(cls, generator, params, shape):
-        """One step x = f(sigma_max z, sigma_max) from an exported generator (a `Teacher` around
-        the EDMPrecond that holds F)."""
-        p = params
+    def sampler_for(cls, generator, params):
+        """One step x = f(s z, s), s = the generator's sigma_max, from an exported generator
+        (a `Denoiser` holding F), decoded to pixels."""
+        s = float(generator.sigma_max)
 
         @torch.no_grad()
-        def sample(labels, rnd):
-            z = rnd.randn(shape)
-            net = generator.net if hasattr(generator, "net") else generator
-            return consistency_fn(net, z * p.sigma_max, p.sigma_max,
-                                  one_hot(labels, int(net.label_dim)), p.sigma_min)
+        def sample(cond, rnd):
+            z = rnd.randn(generator.sample_shape)
+            return generator.decode(consistency_fn(generator, z * s, s, cond))
         return sample

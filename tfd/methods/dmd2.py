@@ -2,9 +2,11 @@
 code tianweiy/DMD2 `main/edm` (ImageNet-64 with an EDM teacher). Facts: `notes/baselines.md`.
 
 Networks
-- `generator`: a trainable copy of the teacher, run once as `x = G(sigma_max z; sigma_max, c)`.
-- `fake_score`: a `FakeScore` module = `net` (a trainable copy of the teacher, an `EDMPrecond`
-  with EDM's parameter names under `net.`) + `head` (the GAN classifier, `None` without GAN).
+- `generator`: a trainable copy of the teacher (`Denoiser.copy()`), run once as
+  `x = G(s z; s, c)` at the input noise level `s = generator_sigma` (default: the teacher's
+  sigma_max, 80 for EDM nets; DMD2's SDXL generator runs at conditioning timestep 399).
+- `fake_score`: a `FakeScore` module = `net` (a trainable copy of the teacher, a `Denoiser`)
+  + `head` (the GAN classifier, `None` without GAN).
   The head is part of this entry so the trainer steps it with the fake score (one optimiser),
   as DMD2's guidance optimiser holds `fake_unet` and `cls_pred_branch` together.
 - real score: the frozen teacher (`self.teacher`).
@@ -33,29 +35,28 @@ zero the signal).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfd.methods import Method, StepOutput, register
-from tfd.networks.edm import resolve_layer
+from tfd.methods import Method, StepOutput, input_sigma, register
 from tfd.sampling import karras_sigmas
-from tfd.teacher import one_hot
 
 
 @dataclass
 class DMD2Params:
-    batch_size: int = 40                  # generated samples per step (labels uniform); real batch for the GAN, too
+    batch_per_rank: int = 40              # generated samples per step per process; real GAN batch, too
     gan: bool = True                      # True: DMD2; False: DMD2 without GAN (row dmd2_nogan)
     dfake_gen_update_ratio: int = 5       # generator updated when step % ratio == 0
     num_train_timesteps: int = 1000       # Karras grid size for all noise levels
     min_step_percent: float = 0.02        # DM loss: i ~ U{int(0.02*1000) .. int(0.98*1000)} = U{20..980}
     max_step_percent: float = 0.98
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0               # generator's input noise level and top of the grid
-    rho: float = 7.0
+    rho: float = 7.0                      # grid over the teacher's sigma_min..sigma_max (EDM nets: 0.002..80)
+    generator_sigma: Optional[float] = None   # generator's input noise level; None: the teacher's sigma_max
     gan_weight_d: float = 1e-2            # fake score (discriminator) GAN loss weight
     gan_weight_g: float = 3e-3            # generator GAN loss weight
     gan_layer: str = "bottleneck"         # fake score layer the head reads (DMD2: enc 8x8_block2)
@@ -89,39 +90,12 @@ class GANHead(nn.Module):
 
 
 class FakeScore(nn.Module):
-    """The `fake_score` network entry: `net` (EDMPrecond, EDM names) plus the GAN `head` (or None)."""
+    """The `fake_score` network entry: `net` (a trainable `Denoiser`) plus the GAN `head` (or None)."""
 
     def __init__(self, net: nn.Module, head: GANHead | None):
         super().__init__()
         self.net = net
         self.head = head
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.net(x, sigma, class_labels)
-
-
-class _Stop(Exception):
-    pass
-
-
-def layer_features(net: nn.Module, layer: str, x, sigma, class_labels) -> torch.Tensor:
-    """Output of `layer` of an EDM network (forward hook); the forward stops there (DMD2's
-    `return_bottleneck`), so the decoder is not run."""
-    _, module = resolve_layer(net, layer)
-    out = {}
-
-    def hook(_m, _inp, o):
-        out["h"] = o[0] if isinstance(o, (tuple, list)) else o
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        net(x, sigma, class_labels)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return out["h"]
 
 
 def dm_generator_loss(x: torch.Tensor, real_pred: torch.Tensor, fake_pred: torch.Tensor):
@@ -143,20 +117,19 @@ class DMD2(Method):
         p = params
         if p.dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {p.dfake_gen_update_ratio}")
-        self.generator = teacher.copy_network()
-        net = teacher.copy_network()
+        self.generator = teacher.copy()
+        net = teacher.copy()
         head = None
         if p.gan:
-            n = teacher.net
             with torch.no_grad():  # shape of the head's input map
-                h = layer_features(teacher.net, p.gan_layer,
-                                   torch.zeros([1, n.img_channels, n.img_resolution, n.img_resolution], device=device),
-                                   torch.ones([1], device=device),
-                                   one_hot(torch.zeros(1, dtype=torch.long, device=device), teacher.num_classes))
+                x0 = torch.zeros([1, *teacher.sample_shape], device=device)
+                c0 = torch.zeros(1, dtype=torch.long, device=device)
+                h = teacher.features(x0, torch.ones([1], device=device), c0, [p.gan_layer])[p.gan_layer]
             head = GANHead(h.shape[1], min(h.shape[-2:])).to(device)
         self.fake = FakeScore(net, head)
-        # Ascending 1000-level Karras grid (DMD2: get_sigmas_karras(...).flip(0)).
-        self.karras = karras_sigmas(p.num_train_timesteps, p.sigma_min, p.sigma_max, p.rho).flip(0).float().to(device)
+        # Ascending 1000-level Karras grid over the teacher's range (DMD2: get_sigmas_karras(...).flip(0)).
+        self.karras = karras_sigmas(p.num_train_timesteps, teacher.sigma_min, teacher.sigma_max,
+                                    p.rho).flip(0).float().to(device)
         self.min_step = int(p.min_step_percent * p.num_train_timesteps)
         self.max_step = int(p.max_step_percent * p.num_train_timesteps)
 
@@ -166,18 +139,17 @@ class DMD2(Method):
     # -- data ----------------------------------------------------------------------------------
     def make_batch(self):
         """All of a step's randomness (as TFD: `train_step` is a pure function of the batch and
-        the weights, and every entry splits along dim 0 across ranks). Labels (uniform) and the
+        the weights, and every entry splits along dim 0 across ranks). Conditions (uniform) and the
         real GAN batch come from the data sampler's generator, the rest from torch's RNG (both
         checkpointed by the trainer). Grid indices: `dm_i` ~ U{20..980}, `fake_i`, `gan_*_i` ~
         U{0..999}; each with its own Gaussian noise. The DM and generator-GAN draws are made on
         every step (used on generator turns only), so the RNG streams do not depend on the turn."""
-        p, g, dev = self.params, self.data.generator, self.device
-        B = p.batch_size
-        n = self.teacher.net
-        shape = [B, n.img_channels, n.img_resolution, n.img_resolution]
+        p, dev = self.params, self.device
+        B = p.batch_per_rank
+        shape = [B, *self.teacher.sample_shape]
         T = p.num_train_timesteps
-        labels = torch.randint(max(self.teacher.num_classes, 1), (B,), generator=g)
-        batch = {"labels": labels.to(dev), "z": torch.randn(shape, device=dev)}
+        cond = self.data.random_conditions(B)
+        batch = {"cond": cond.to(dev), "z": torch.randn(shape, device=dev)}
 
         def level(name, lo, hi):
             batch[f"{name}_i"] = torch.randint(lo, hi + 1, (B,), device=dev)
@@ -188,89 +160,101 @@ class DMD2(Method):
         if p.gan:
             real, classes = self.data.sample(B, 1)
             batch["real"] = real[:, 0].to(dev)
-            batch["real_labels"] = classes.to(dev)
+            batch["real_cond"] = classes.to(dev)
             level("gan_g", 0, T - 1)
             level("gan_real", 0, T - 1)
             level("gan_fake", 0, T - 1)
         return batch
 
     # -- pieces --------------------------------------------------------------------------------
-    def _onehot(self, labels):
-        return one_hot(labels, self.teacher.num_classes)
-
     def _sigma(self, i: torch.Tensor) -> torch.Tensor:
         return self.karras[i].reshape(-1, 1, 1, 1)
 
-    def generate(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        sigma = torch.full([z.shape[0], 1, 1, 1], p.sigma_max, device=z.device)
-        return self.generator(z * p.sigma_max, sigma, self._onehot(labels))
+    def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x = G(s z; s, c), s the generator's input noise level; z `[B, *sample_shape]`, cond `[B]`."""
+        s = input_sigma(self.params, self.generator)
+        return self.generator.denoise(z * s, s, cond)
 
-    def dm_loss(self, x: torch.Tensor, labels: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
+    def dm_loss(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
         """Distribution-matching loss at s = grid[i] (i in 20..980; no grad through the scores)."""
         s = self._sigma(i)
         with torch.no_grad():
             x_t = x.detach() + s * noise
-            real = self.teacher.denoise(x_t, s, labels)
-            fake = self.fake.net(x_t, s, self._onehot(labels))
+            real = self.teacher.denoise(x_t, s, cond)
+            fake = self.fake.net.denoise(x_t, s, cond)
         loss, g = dm_generator_loss(x, real, fake)
         return loss, {"dm_grad_abs": g.abs().mean().item(), "dm_sigma_mean": s.mean().item()}
 
-    def fake_score_loss(self, x: torch.Tensor, labels: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
+    def fake_score_loss(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
         """EDM denoising loss on (detached) generator samples at s = grid[i] (i in 0..999):
         mean((s^-2 + sd^-2) (D_fake(x + s n; s) - x)^2)."""
         x = x.detach()
         s = self._sigma(i)
-        pred = self.fake.net(x + s * noise, s, self._onehot(labels))
+        pred = self.fake.net.denoise(x + s * noise, s, cond)
         weight = s ** -2 + self.teacher.sigma_data ** -2
         return (weight * (pred.float() - x.float()) ** 2).mean()
 
-    def gan_logits(self, x: torch.Tensor, labels: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
-        """Head logits on the FAKE score's `gan_layer` features of x + s n, s = grid[i]."""
+    def gan_logits(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
+        """Head logits on the FAKE score's `gan_layer` features of x + s n, s = grid[i] (the forward
+        stops at that layer, DMD2's `return_bottleneck`)."""
         s = self._sigma(i)
-        h = layer_features(self.fake.net, self.params.gan_layer, x + s * noise, s, self._onehot(labels))
-        return self.fake.head(h)
+        layer = self.params.gan_layer
+        return self.fake.head(self.fake.net.features(x + s * noise, s, cond, [layer])[layer])
 
     # -- step ----------------------------------------------------------------------------------
-    def train_step(self, batch, step):
-        p, b = self.params, batch
-        labels = b["labels"]
-        gen_turn = step % p.dfake_gen_update_ratio == 0
-        with torch.set_grad_enabled(gen_turn and torch.is_grad_enabled()):
-            x = self.generate(b["z"], labels)
-        losses, metrics = {}, {}
-
-        if gen_turn:  # generator first (see module docstring)
-            loss_dm, m = self.dm_loss(x, labels, b["dm_i"], b["dm_noise"])
-            loss_g = loss_dm
-            metrics.update({"loss_dm": loss_dm.item(), **m})
-            if p.gan:
-                frozen = [q for q in self.fake.parameters() if q.requires_grad]
-                for q in frozen:
-                    q.requires_grad_(False)
-                try:
-                    logits = self.gan_logits(x, labels, b["gan_g_i"], b["gan_g_noise"])
-                finally:
-                    for q in frozen:
-                        q.requires_grad_(True)
-                loss_gan_g = F.softplus(-logits).mean()
-                loss_g = loss_g + p.gan_weight_g * loss_gan_g
-                metrics["loss_gan_g"] = loss_gan_g.item()
-            losses["generator"] = loss_g
-
-        xd = x.detach()
-        loss_fake = self.fake_score_loss(xd, labels, b["fake_i"], b["fake_noise"])
-        loss_f = loss_fake
-        metrics["loss_fake_denoise"] = loss_fake.item()
+    def generator_losses(self, b: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Generator turn: distribution matching (+ GAN term through the frozen fake score)."""
+        p = self.params
+        loss_g, metrics = self.dm_loss(x, b["cond"], b["dm_i"], b["dm_noise"])
+        metrics["loss_dm"] = loss_g.item()
         if p.gan:
-            l_real = self.gan_logits(b["real"], b["real_labels"], b["gan_real_i"], b["gan_real_noise"])
-            l_fake = self.gan_logits(xd, labels, b["gan_fake_i"], b["gan_fake_noise"])
+            with requires_grad(self.fake, False):  # the generator loss puts no gradient into the fake score
+                logits = self.gan_logits(x, b["cond"], b["gan_g_i"], b["gan_g_noise"])
+            loss_gan_g = F.softplus(-logits).mean()
+            loss_g = loss_g + p.gan_weight_g * loss_gan_g
+            metrics["loss_gan_g"] = loss_gan_g.item()
+        return loss_g, metrics
+
+    def fake_score_losses(self, b: dict, xd: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Fake-score turn (every step): denoising loss on detached samples (+ discriminator loss)."""
+        p = self.params
+        loss_f = self.fake_score_loss(xd, b["cond"], b["fake_i"], b["fake_noise"])
+        metrics = {"loss_fake_denoise": loss_f.item()}
+        if p.gan:
+            l_real = self.gan_logits(b["real"], b["real_cond"], b["gan_real_i"], b["gan_real_noise"])
+            l_fake = self.gan_logits(xd, b["cond"], b["gan_fake_i"], b["gan_fake_noise"])
             loss_d = (F.softplus(l_fake) + F.softplus(-l_real)).mean()
             loss_f = loss_f + p.gan_weight_d * loss_d
             metrics.update({"loss_gan_d": loss_d.item(), "logit_real": l_real.mean().item(),
                             "logit_fake": l_fake.mean().item(),
                             "d_acc": 0.5 * ((l_real > 0).float().mean() + (l_fake < 0).float().mean()).item()})
-        losses["fake_score"] = loss_f
-        metrics["loss"] = loss_f.item()
+        return loss_f, metrics
+
+    def train_step(self, batch, step):
+        """Two time-scale update: the generator loss (listed first) on every
+        `dfake_gen_update_ratio`-th step, the fake-score loss on every step."""
+        gen_turn = step % self.params.dfake_gen_update_ratio == 0
+        with torch.set_grad_enabled(gen_turn and torch.is_grad_enabled()):
+            x = self.generate(batch["z"], batch["cond"])
+        losses, metrics = {}, {}
+        if gen_turn:  # generator first (see module docstring)
+            losses["generator"], m = self.generator_losses(batch, x)
+            metrics.update(m)
+        losses["fake_score"], m = self.fake_score_losses(batch, x.detach())
+        metrics.update(m)
+        metrics["loss"] = losses["fake_score"].item()
         metrics["gen_turn"] = float(gen_turn)
         return StepOutput(losses=losses, metrics=metrics)
+
+
+@contextlib.contextmanager
+def requires_grad(module: nn.Module, flag: bool):
+    """Temporarily set `requires_grad` of the module's parameters that have it set (restored after)."""
+    params = [q for q in module.parameters() if q.requires_grad]
+    for q in params:
+        q.requires_grad_(flag)
+    try:
+        yield module
+    finally:
+        for q in params:
+            q.requires_grad_(True)

@@ -81,7 +81,7 @@ class Drift(TFD):
             self.randnet = None
         elif p.space == "randnet":
             valid = [f"rand:{i}" for i in range(p.randnet_levels)]
-            self.randnet = RandomFeatureNet(teacher.net.img_channels, p.randnet_width, p.randnet_levels,
+            self.randnet = RandomFeatureNet(teacher.sample_shape[0], p.randnet_width, p.randnet_levels,
                                             p.randnet_seed).to(device)
         else:
             raise ValueError(f"space must be 'pixel' or 'randnet', got {p.space!r}")
@@ -91,9 +91,9 @@ class Drift(TFD):
             raise ValueError(f"drift space {p.space!r}: unknown layers {bad} (valid: {valid})")
         self.params = dataclasses.replace(p, layers=layers)
 
-    def teacher_features(self, x, xi, sigma_f, labels):
-        """Pixel or random-network features of x + sigma_f xi (sigma_f = 0: clean); labels unused."""
-        x = x + sigma_f.reshape(-1, 1, 1, 1) * xi
+    def teacher_features(self, x, xi, sigma_f, cond):
+        """Pixel or random-network features of x + sigma_f xi (sigma_f = 0: clean); cond unused."""
+        x = x + sigma_f.reshape(-1, *([1] * (x.ndim - 1))) * xi
         if self.randnet is None:
             return {"pixel": x.float().flatten(1)}
         hs = self.randnet(x.float())

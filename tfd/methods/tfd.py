@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from tfd.losses import anchor_margin_loss, drifting_loss
-from tfd.methods import Method, StepOutput, register
+from tfd.methods import Method, StepOutput, input_sigma, register
 
 
 @dataclass
 class TFDParams:
     layers: list[str] = field(default_factory=lambda: ["enc:6", "enc:11", "bottleneck", "dec:7", "dec:12"])
     radii: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
-    groups: int = 10                  # G conditions per step
+    groups_per_rank: int = 10         # G conditions per step on each process (global: G x world size)
     n_gen: int = 4                    # Ng generated per condition
     n_pos: int = 4                    # Np positives per condition
     n_anchor: int = 4                 # Na anchors per condition
@@ -31,7 +31,7 @@ class TFDParams:
     anchor_alpha: float = 0.5
     anchor_temperature: float = 1.0
     normalization: Literal["double", "paper"] = "double"
-    sigma_max: float = 80.0
+    generator_sigma: Optional[float] = None   # generator's input noise level; None: the teacher's sigma_max
 
 
 def feature_sigmas(p: TFDParams, G: int, device) -> torch.Tensor:
@@ -60,45 +60,45 @@ class TFD(Method):
 
     def __init__(self, teacher, data, params: TFDParams, device="cpu"):
         super().__init__(teacher, data, params, device)
-        self.generator = teacher.copy_network()
+        self.generator = teacher.copy()
 
     def networks(self):
         return {"generator": self.generator}
 
     def make_batch(self):
-        """All of a step's randomness: classes, real positives + anchors, generator noise `z`,
+        """All of a step's randomness: conditions, real positives + anchors, generator noise `z`,
         one feature sigma per group and the feature noise `xi` (so `train_step` is a pure function
         of the batch and the weights, and a batch can be split across ranks exactly)."""
         p = self.params
-        G, Ng, Nr = p.groups, p.n_gen, p.n_pos + p.n_anchor
-        ref, classes = self.data.sample(G, Nr)
+        G, Ng, Nr = p.groups_per_rank, p.n_gen, p.n_pos + p.n_anchor
+        ref, cond = self.data.sample(G, Nr)
         shape = ref.shape[2:]
-        return {"classes": classes.to(self.device), "ref": ref.to(self.device),
+        return {"cond": cond.to(self.device), "ref": ref.to(self.device),
                 "z": torch.randn([G, Ng, *shape], device=self.device),
                 "sigma_f": feature_sigmas(p, G, self.device),
                 "xi_gen": torch.randn([G, Ng, *shape], device=self.device),
                 "xi_ref": torch.randn([G, Nr, *shape], device=self.device)}
 
-    def teacher_features(self, x, xi, sigma_f, labels):
-        """phi_T^l(x, c) = pool(h_T^l(x + sigma_f xi, sigma_f, c)) (Eqs. 9-10); sigma 0 = clean (Eq. 8)."""
-        s = sigma_f.reshape(-1, 1, 1, 1)
+    def teacher_features(self, x, xi, sigma_f, cond):
+        """phi_T^l(x, c) = pool(h_T^l(x + sigma_f xi, sigma_f, c)) (Eqs. 9-10); sigma 0 = clean (Eq. 8).
+        x, xi `[N, *sample_shape]`, sigma_f `[N]`, cond `[N]` int64 condition ids -> {layer: [N, D_l]}."""
+        s = sigma_f.reshape(-1, *([1] * (x.ndim - 1)))
         cond_sigma = s.clamp(min=self.teacher.sigma_min)  # clean features: teacher conditioned at sigma_min
-        feats = self.teacher.features(x + s * xi, cond_sigma, labels, self.params.layers)
+        feats = self.teacher.features(x + s * xi, cond_sigma, cond, self.params.layers)
         return {k: pooled(v, self.params.pool) for k, v in feats.items()}
 
     def train_step(self, batch, step):
         p = self.params
-        classes, ref, sig_g = batch["classes"], batch["ref"], batch["sigma_f"]
+        cond, ref, sig_g = batch["cond"], batch["ref"], batch["sigma_f"]
         G, Ng, Nr = batch["z"].shape[0], p.n_gen, p.n_pos + p.n_anchor
-        labels_gen = classes.repeat_interleave(Ng)
-        labels_ref = classes.repeat_interleave(Nr)
-        onehot = F.one_hot(labels_gen, self.teacher.num_classes).float()
-        sigma = torch.full([G * Ng, 1, 1, 1], p.sigma_max, device=self.device)
-        x = self.generator(batch["z"].flatten(0, 1) * p.sigma_max, sigma, onehot)  # x = f_theta(eps, c)
-        gen_f = self.teacher_features(x, batch["xi_gen"].flatten(0, 1), sig_g.repeat_interleave(Ng), labels_gen)
+        cond_gen = cond.repeat_interleave(Ng)
+        cond_ref = cond.repeat_interleave(Nr)
+        s0 = input_sigma(p, self.generator)
+        x = self.generator.denoise(batch["z"].flatten(0, 1) * s0, s0, cond_gen)  # x = f_theta(eps, c)
+        gen_f = self.teacher_features(x, batch["xi_gen"].flatten(0, 1), sig_g.repeat_interleave(Ng), cond_gen)
         with torch.no_grad():
             ref_f = self.teacher_features(ref.flatten(0, 1), batch["xi_ref"].flatten(0, 1),
-                                          sig_g.repeat_interleave(Nr), labels_ref)
+                                          sig_g.repeat_interleave(Nr), cond_ref)
         total, metrics = 0.0, {}
         for name in p.layers:
             g = gen_f[name].reshape(G, Ng, -1)

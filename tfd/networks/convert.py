@@ -6,17 +6,16 @@ its metadata, `init_kwargs` (JSON constructor kwargs of `tfd.networks.edm.EDMPre
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from eval.io import atomic_save_safetensors, file_sha256, read_safetensors_metadata
 
 from .edm import EDMPrecond, imagenet64_adm_kwargs
 
@@ -40,14 +39,6 @@ importable, this once:
 
 Only convert pickles you trust: unpickling runs code from the file.
 """
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain(obj):
@@ -77,17 +68,14 @@ def _edm_init_kwargs(obj) -> dict | None:
 
 
 def save_edm_safetensors(net: EDMPrecond, path, source: str | None = None) -> None:
-    """Write `net` as safetensors with its `init_kwargs` in the metadata, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `net` as safetensors (fp32, EDM's state_dict keys) with `format`, `init_kwargs` and
+    `source` in the metadata, atomically and byte-reproducibly (`eval.io.atomic_save_safetensors`)."""
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                for k, v in net.state_dict().items()}
-    meta = {"format": FORMAT, "init_kwargs": json.dumps(net.init_kwargs)}
+    meta = {"format": FORMAT, "init_kwargs": net.init_kwargs}
     if source:
         meta["source"] = source
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, meta)
 
 
 def load_edm_safetensors(path, device="cpu") -> EDMPrecond:
@@ -95,11 +83,11 @@ def load_edm_safetensors(path, device="cpu") -> EDMPrecond:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EDM safetensors file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_safetensors_metadata(path)
     if "init_kwargs" not in meta:
         raise ValueError(f"{path} has no 'init_kwargs' metadata; convert it with `tfd convert-edm`")
-    net = EDMPrecond(**json.loads(meta["init_kwargs"]))
+    kwargs = meta["init_kwargs"]
+    net = EDMPrecond(**(json.loads(kwargs) if isinstance(kwargs, str) else kwargs))  # older files: a JSON string
     net.load_state_dict(load_file(str(path)), strict=True)
     return net.to(device).eval().requires_grad_(False)
 
@@ -139,7 +127,7 @@ def convert_edm_pickle(pkl_path, out_path) -> dict:
     net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
                          for k, v in state.items()}, strict=True)
 
-    sha = _sha256(pkl_path)
+    sha = file_sha256(pkl_path)
     source = f"{pkl_path.name} sha256:{sha}"
     save_edm_safetensors(net, out_path, source=source)
     return dict(out_path=str(out_path), source=source, sha256=sha, init_kwargs=net.init_kwargs,

@@ -284,7 +284,7 @@ class EDMPrecond(nn.Module):
                                 sigma_max=sigma_max, sigma_data=sigma_data, model_type=model_type,
                                 **unet_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def _inputs(self, x, sigma, class_labels):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -293,19 +293,28 @@ class EDMPrecond(nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return x, sigma, class_labels
+
+    def raw(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """F(c_in x, c_noise, c) as float32, the network output before c_skip / c_out (Table 1)."""
+        x, sigma, class_labels = self._inputs(x, sigma, class_labels)
         use_fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
         dtype = torch.float16 if use_fp16 else torch.float32
-
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
-
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
                          **model_kwargs)
         assert F_x.dtype == dtype
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return F_x.to(torch.float32)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM Table 1); float32 [N, C, H, W]."""
+        F_x = self.raw(x, sigma, class_labels, force_fp32, **model_kwargs)
+        x, sigma, _ = self._inputs(x, sigma, None)
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        return c_skip * x + c_out * F_x
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)

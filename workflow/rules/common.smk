@@ -9,6 +9,7 @@ import yaml
 
 from snakemake.exceptions import WorkflowError
 
+from eval.io import atomic_write_text
 from tfd.config import Config, ConfigError, check, from_dict
 
 SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working directory (a copy of "
@@ -37,15 +38,15 @@ if workflow.is_main_process:  # jobs re-parse this file; the main process has ch
     _check_config()
 
 BENCH = config["benchmark"]
-B = config["benchmarks"][BENCH]
-# the typed config expands the ablation sweeps into runs (tfd.config.expand_ablation), as the CLI does
-TYPED = from_dict(Config, config, "config").bench(BENCH)
-RUNS = {name: dataclasses.asdict(run) for name, run in TYPED.runs.items()}
-ABLATIONS = TYPED.ablations
-SAMPLER_METHODS = ("heun", "onestep")
-EVAL = B.get("eval", {})
-NUM_SHARDS = int(EVAL.get("shards", 1))
-METRICS = EVAL.get("metrics", ["fid_digits", "precision_digits", "recall_digits", "max_ssim", "class_acc"])
+# The typed config, resolved once (tfd.config): every run's train/params/sampler block is a
+# dataclass with its defaults, and the ablation sweeps are expanded into runs, as the CLI sees them.
+BENCH_CFG = from_dict(Config, config, "config").bench(BENCH)
+RUNS = BENCH_CFG.runs
+ABLATIONS = BENCH_CFG.ablations
+EVAL_CFG = BENCH_CFG.eval
+METRICS = EVAL_CFG.metrics
+BENCH_DIR = f"results/{BENCH}"          # every artifact of the active benchmark lives below this
+FIGURES_DIR = "results/figures"
 
 
 def _resolved_config_file():
@@ -54,49 +55,65 @@ def _resolved_config_file():
     text = yaml.safe_dump(config, sort_keys=True)
     path = Path("resources/config") / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return str(path)
 
 
-CFG = _resolved_config_file()
+CONFIG_FILE = _resolved_config_file()
 
-R = f"results/{BENCH}"
 
+# ----------------------------------------------------------------------------------------------
+# Paths and input functions (every rule file uses these; Snakemake's linter wants them here).
 
 def run_dir(run):
-    return f"{R}/{RUNS[run]['method']}/{run}"
+    return f"{BENCH_DIR}/{RUNS[run].method}/{run}"
 
 
 def run_spec(wildcards):
-    """The run's own config block as a param: editing it reruns that run only."""
-    return json.dumps(RUNS[wildcards.run], sort_keys=True)
+    """The run's resolved config block as a param: editing it reruns that run only."""
+    return json.dumps(dataclasses.asdict(RUNS[wildcards.run]), sort_keys=True, default=str)
+
+
+def teacher_spec():
+    """The teacher block as a param of the rule that trains it."""
+    return json.dumps(dataclasses.asdict(BENCH_CFG.teacher), sort_keys=True, default=str)
 
 
 def teacher_file():
-    t = B["teacher"]
-    if t.get("kind", "train") == "train":
-        return f"{R}/teacher/teacher.safetensors"
-    ckpt = t.get("checkpoint")
-    if ckpt and str(ckpt).endswith(".pkl"):
-        return f"{R}/teacher/teacher.safetensors"  # converted by rule convert_edm
-    return ckpt
+    t = BENCH_CFG.teacher
+    if t.kind == "train" or str(t.checkpoint or "").endswith(".pkl"):
+        return f"{BENCH_DIR}/teacher/teacher.safetensors"  # trained, or converted by rule convert_edm
+    return t.checkpoint
 
 
-def feature_net_file():
-    return f"{R}/feature_net/digits_net.safetensors" if EVAL.get("feature_net", "digits") == "digits" else []
+def feature_weights_file():
+    """The FID feature network's weights when the DAG builds them (the digits network), else []."""
+    return f"{BENCH_DIR}/feature_net/digits_net.safetensors" if EVAL_CFG.feature_extractor == "digits" else []
 
 
 def ref_stats_file():
-    return EVAL.get("ref_stats") or f"{R}/ref_stats.npz"
+    return EVAL_CFG.ref_stats or f"{BENCH_DIR}/ref_stats.npz"
 
 
 def generator_input(wildcards):
-    if RUNS[wildcards.run]["method"] in SAMPLER_METHODS:
+    if not RUNS[wildcards.run].trains:
         return []
     return f"{run_dir(wildcards.run)}/generator.safetensors"
+
+
+def shard_files(wildcards):
+    """The `eval.shards` sample shards of a run, merged in seed order by merge_samples."""
+    n = EVAL_CFG.shards
+    return [f"{run_dir(wildcards.run)}/samples/shard{k}of{n}.npz" for k in range(n)]
+
+
+def convergence_inputs(wildcards):
+    """The feature weights and reference statistics, only for runs that keep a convergence record."""
+    run = RUNS[wildcards.run]
+    if not (run.trains and run.train.eval_every):
+        return {}
+    fweights = feature_weights_file()
+    return {"ref": ref_stats_file(), **({"fweights": fweights} if fweights else {})}
 
 
 def metric_files(run):
@@ -104,15 +121,46 @@ def metric_files(run):
 
 
 def table1_runs():
-    return B.get("table1") or list(RUNS)
+    return BENCH_CFG.table1 or list(RUNS)
 
 
 def ablation_runs(name):
     return list(dict.fromkeys(run for _, run in ABLATIONS[name].variants))
 
 
+def run_outputs(runs):
+    """A table's inputs: each run's metric files and, for training runs, train.json."""
+    return ([f for r in runs for f in metric_files(r)]
+            + [f"{run_dir(r)}/train.json" for r in runs if RUNS[r].trains])
+
+
+def manifest_inputs(wildcards, input):
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("teacher", "ref_stats", "feature_weights")
+                    if k in input.keys() and input[k])
+
+
+def diversity_ablations():
+    return [n for n, a in ABLATIONS.items() if a.diversity is not None]
+
+
+def diversity_samples(wildcards):
+    return {label: f"{run_dir(run)}/samples.npz" for label, run in ABLATIONS[wildcards.ablation].variants}
+
+
+def all_figures():
+    return ([f"{FIGURES_DIR}/convergence.png", f"{FIGURES_DIR}/convergence.pdf"]
+            + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in table1_runs() for ext in ("png", "pdf")]
+            + [f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("png", "pdf")]
+            + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")])
+
+
+def out_stem(wildcards, output):
+    """A figure rule's output path without `.png` (tfd figure writes <stem>.png and <stem>.pdf)."""
+    return output.png[:-len(".png")]
+
+
 wildcard_constraints:
-    method="|".join(sorted({re.escape(r["method"]) for r in RUNS.values()})),
+    method="|".join(sorted({re.escape(r.method) for r in RUNS.values()})),
     run="|".join(sorted(map(re.escape, RUNS))),
     ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
     k=r"\d+",

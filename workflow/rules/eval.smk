@@ -5,7 +5,7 @@ rule sample_shard:
         teacher=teacher_file(),
         generator=generator_input,
     output:
-        temp(f"{R}/{{method}}/{{run}}/samples/shard{{k}}of{{n}}.npz"),
+        temp(f"{BENCH_DIR}/{{method}}/{{run}}/samples/shard{{k}}of{{n}}.npz"),
     params:
         spec=run_spec,
         gen=lambda wc, input: f"--generator {input.generator}" if input.generator else "",
@@ -14,15 +14,15 @@ rule sample_shard:
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} tfd sample --config {CFG} --no-progress --run {wildcards.run} --teacher {input.teacher} {params.gen} "
+        "OMP_NUM_THREADS={threads} tfd sample --config {CONFIG_FILE} --no-progress --run {wildcards.run} --teacher {input.teacher} {params.gen} "
         "--shard {wildcards.k}/{wildcards.n} --out {output} > {log} 2>&1"
 
 
 rule merge_samples:
     input:
-        expand(f"{R}/{{{{method}}}}/{{{{run}}}}/samples/shard{{k}}of{NUM_SHARDS}.npz", k=range(NUM_SHARDS)),
+        shard_files,
     output:
-        f"{R}/{{method}}/{{run}}/samples.npz",
+        f"{BENCH_DIR}/{{method}}/{{run}}/samples.npz",
     log:
         f"logs/{BENCH}/merge_{{method}}_{{run}}.log",
     shell:
@@ -31,18 +31,18 @@ rule merge_samples:
 
 rule score:
     input:
-        samples=f"{R}/{{method}}/{{run}}/samples.npz",
+        samples=f"{BENCH_DIR}/{{method}}/{{run}}/samples.npz",
         ref=ref_stats_file(),
-        fnet=feature_net_file(),
+        fweights=feature_weights_file(),
     output:
-        [f"{R}/{{method}}/{{run}}/metrics/{m}.json" for m in METRICS],
+        [f"{BENCH_DIR}/{{method}}/{{run}}/metrics/{m}.json" for m in METRICS],
     params:
-        outdir=lambda wc: f"{R}/{wc.method}/{wc.run}/metrics",
-        fnet=lambda wc, input: f"--feature-net {input.fnet}" if input.fnet else "",
+        outdir=lambda wc: f"{BENCH_DIR}/{wc.method}/{wc.run}/metrics",
+        fweights=lambda wc, input: f"--feature-weights {input.fweights}" if input.fweights else "",
     log:
         f"logs/{BENCH}/score_{{method}}_{{run}}.log",
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} tfd score --config {CFG} --no-progress --samples {input.samples} --ref-stats {input.ref} "
-        "{params.fnet} --out-dir {params.outdir} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tfd score --config {CONFIG_FILE} --no-progress --samples {input.samples} --ref-stats {input.ref} "
+        "{params.fweights} --out-dir {params.outdir} > {log} 2>&1"

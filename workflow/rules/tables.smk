@@ -1,23 +1,12 @@
 # Tables from metric files, each with a provenance manifest beside it.
 
 
-def manifest_inputs(wildcards, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("teacher", "ref_stats", "feature_net")
-                    if k in input.keys() and input[k])
-
-
-def run_outputs(runs):
-    """A table's inputs: each run's metric files and, for training runs, train.json."""
-    return ([f for r in runs for f in metric_files(r)]
-            + [f"{run_dir(r)}/train.json" for r in runs if RUNS[r]["method"] not in SAMPLER_METHODS])
-
-
 rule table1:
     input:
         run_outputs(table1_runs()),
         teacher=teacher_file(),
         ref_stats=ref_stats_file(),
-        feature_net=feature_net_file(),
+        feature_weights=feature_weights_file(),
     output:
         csv="results/table1.csv",
         md="results/table1.md",
@@ -29,7 +18,7 @@ rule table1:
     log:
         f"logs/{BENCH}/table1.log",
     shell:
-        "OMP_NUM_THREADS={threads} tfd table --config {CFG} --no-progress --out {output.csv} --convergence {output.conv} "
+        "OMP_NUM_THREADS={threads} tfd table --config {CONFIG_FILE} --no-progress --out {output.csv} --convergence {output.conv} "
         "--manifest {output.manifest} {params.inputs} > {log} 2>&1"
 
 
@@ -38,7 +27,7 @@ rule ablation_table:
         lambda wc: run_outputs(ablation_runs(wc.ablation)),
         teacher=teacher_file(),
         ref_stats=ref_stats_file(),
-        feature_net=feature_net_file(),
+        feature_weights=feature_weights_file(),
     output:
         csv="results/ablation_{ablation}.csv",
         md="results/ablation_{ablation}.md",
@@ -51,5 +40,5 @@ rule ablation_table:
     log:
         f"logs/{BENCH}/ablation_{{ablation}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} tfd ablation --config {CFG} --no-progress --name {wildcards.ablation} --out {output.csv} "
+        "OMP_NUM_THREADS={threads} tfd ablation --config {CONFIG_FILE} --no-progress --name {wildcards.ablation} --out {output.csv} "
         "--curves {output.curves} --manifest {output.manifest} {params.inputs} > {log} 2>&1"

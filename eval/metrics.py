@@ -1,0 +1,336 @@
+"""The metric registry: every metric the suite writes, what it needs, and the function computing it.
+
+`METRICS` maps a metric name to a `MetricSpec`: the function (`fn(**inputs) -> (value, details)`,
+pure given its inputs), the names of the inputs it needs (`needs`, see `INPUTS`) and, for the
+feature metrics, the feature extractor whose features it is computed on. One metric file is
+written per name (`eval.score.score_samples`), so the names are also file names and table columns.
+
+| name                                             | needs                     | extractor                     |
+|--------------------------------------------------|---------------------------|-------------------------------|
+| `fid` / `precision` / `recall`                   | features + ref (+ pr)     | `inception`, clean-fid legacy |
+| `fid_digits` / `precision_digits` / `recall_digits` | features + ref (+ pr)  | `digits`                      |
+| `fid_clean` / `precision_clean` / `recall_clean` | features + ref (+ pr)     | `clean-fid` mode `clean`      |
+| `max_ssim`                                       | images, labels            | -                             |
+| `class_acc`                                      | classifier, images, labels| digits classifier             |
+| `clip_score`                                     | clip, images, captions    | -                             |
+
+The generic names `fid`/`precision`/`recall` given to `eval.score.compute_metrics` are mapped to
+the extractor's names (`metric_names`). `check_metric_names` is the config-time check (`tfd
+check-config`, Snakemake's parse-time check): it lists unknown names and names that the configured
+extractor cannot compute, before any job runs.
+
+`fid_key` answers "which column/key holds the FID" for convergence records and tables.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+PR_K = 3
+GENERIC = ("fid", "precision", "recall")
+FEATURE_INPUTS = ("features", "ref", "pr")
+
+# What a metric function can ask for; `MetricInputs` builds each at most once per scoring call.
+INPUTS = {
+    "images": "uint8 NHWC numpy array of the samples",
+    "labels": "int64 [N] condition (class) ids of the samples, or None",
+    "captions": "list of N captions (text-to-image)",
+    "features": "float64 [N, D] numpy features of the samples from the feature extractor",
+    "ref": "reference statistics dict from eval.fid.load_ref_stats (mu, sigma, features, provenance), "
+           "checked against the extractor's provenance",
+    "pr": "eval.prdc.prdc(reference features, sample features, k=PR_K)",
+    "classifier": "(eval.features.DigitsExtractor, provenance dict) of the digits classifier",
+    "clip": "eval.clip_score.ClipScorer",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# the metric functions: (inputs) -> (value, details for the metric file's provenance)
+
+
+def fid(features: np.ndarray, ref: Mapping) -> tuple[float, dict]:
+    """Frechet distance between the Gaussian of `features` (float64 [N, D], N >= 2) and the
+    reference `mu` [D] / `sigma` [D, D], in float64 (`eval.fid.frechet_distance`)."""
+    from eval.fid import feature_stats, frechet_distance
+
+    mu, sigma = feature_stats(features)
+    return (frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+            {"formula": "Frechet distance, float64, scipy.linalg.sqrtm"})
+
+
+_PR_DEFINITION = "improved precision/recall (Kynkaanniemi et al. 2019), ADM evaluator convention"
+
+
+def _pr_details(pr: Mapping) -> dict:
+    return {"k": PR_K, "n_real": pr["n_real"], "definition": _PR_DEFINITION}
+
+
+def precision(pr: Mapping) -> tuple[float, dict]:
+    """Improved precision (share of samples inside the k-NN balls of the reference features) from
+    `pr` = `eval.prdc.prdc(ref_features, features, k=PR_K)`; a number in [0, 1]."""
+    return pr["precision"], _pr_details(pr)
+
+
+def recall(pr: Mapping) -> tuple[float, dict]:
+    """Improved recall (share of reference features inside the k-NN balls of the samples), from
+    the same `pr` as `precision`; a number in [0, 1]."""
+    return pr["recall"], _pr_details(pr)
+
+
+def max_ssim(images: np.ndarray, labels: np.ndarray | None) -> tuple[float, dict]:
+    """Mean over classes of the max SSIM over pairs of samples of that class (`labels` None: one
+    class), on uint8 NHWC `images` (`eval.ssim.max_pairwise_ssim`); details hold the SSIM settings
+    and the per-class values."""
+    from eval.ssim import max_pairwise_ssim, ssim_settings
+
+    v, per_class = max_pairwise_ssim(images, labels)
+    return v, {"ssim": ssim_settings(images.shape[1], images.shape[2]), "per_class": per_class,
+               "definition": "mean over classes of the max SSIM over pairs of samples of that class"}
+
+
+def class_acc(classifier: tuple, images: np.ndarray, labels: np.ndarray | None) -> tuple[float, dict]:
+    """Share of samples whose digits-classifier argmax equals the label. `classifier` =
+    (extractor with `.logits(uint8 NHWC) -> [N, 10]`, its provenance). ValueError without labels."""
+    if labels is None:
+        raise ValueError("class_acc needs labels (arr_1)")
+    clf, prov = classifier
+    pred = clf.logits(images).argmax(1)
+    return (float((pred == np.asarray(labels)).mean()),
+            {**prov, "definition": "share of samples whose digits-net argmax equals the label"})
+
+
+def clip_score(clip, images: np.ndarray, captions: Sequence[str] | None) -> tuple[float, dict]:
+    """Mean raw cosine between CLIP image and text embeddings (DMD2's protocol, see
+    eval.clip_score); `clip` a ClipScorer. ValueError without captions."""
+    if captions is None:
+        raise ValueError("clip_score needs captions")
+    return clip.score(images, list(captions)), clip.provenance
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: `fn(**{need: input})` -> (value, details); `needs` are keys of `INPUTS`;
+    `extractors` the feature-extractor kinds whose features it uses (`digits`, `inception`,
+    `clean-fid:clean`, `clean-fid:legacy_tensorflow`; empty: not a feature metric)."""
+
+    name: str
+    fn: Callable[..., tuple[float, dict]]
+    needs: tuple[str, ...]
+    extractors: tuple[str, ...] = ()
+
+    @property
+    def is_feature_metric(self) -> bool:
+        return bool(self.extractors)
+
+
+def _feature_specs(suffix: str, extractors: tuple[str, ...]) -> dict[str, MetricSpec]:
+    return {f"fid{suffix}": MetricSpec(f"fid{suffix}", fid, ("features", "ref"), extractors),
+            f"precision{suffix}": MetricSpec(f"precision{suffix}", precision, ("pr",), extractors),
+            f"recall{suffix}": MetricSpec(f"recall{suffix}", recall, ("pr",), extractors)}
+
+
+# Order = the order in which metrics are computed and returned.
+METRICS: dict[str, MetricSpec] = {
+    **_feature_specs("", ("inception", "clean-fid:legacy_tensorflow")),
+    **_feature_specs("_digits", ("digits",)),
+    **_feature_specs("_clean", ("clean-fid:clean",)),
+    "max_ssim": MetricSpec("max_ssim", max_ssim, ("images", "labels")),
+    "class_acc": MetricSpec("class_acc", class_acc, ("classifier", "images", "labels")),
+    "clip_score": MetricSpec("clip_score", clip_score, ("clip", "images", "captions")),
+}
+
+
+def known_metrics() -> list[str]:
+    """Every metric name the suite can compute, in registry order."""
+    return list(METRICS)
+
+
+def extractor_kind(extractor, cleanfid_mode: str = "clean") -> str | None:
+    """`digits`, `inception`, `clean-fid:clean` or `clean-fid:legacy_tensorflow` for a built
+    extractor or an extractor name (a clean-fid name uses `cleanfid_mode`); None for None."""
+    if extractor is None:
+        return None
+    name = extractor if isinstance(extractor, str) else extractor.name
+    if name == "clean-fid":
+        return f"clean-fid:{getattr(extractor, 'mode', cleanfid_mode)}"
+    return name
+
+
+def metric_names(extractor) -> dict[str, str]:
+    """generic name (fid/precision/recall) -> the metric name for this extractor (a built
+    extractor or a registry name; a clean-fid name means mode `clean`); {} for None."""
+    kind = extractor_kind(extractor)
+    if kind is None:
+        return {}
+    names = {}
+    for g in GENERIC:
+        match = [n for n, s in METRICS.items() if s.fn is METRICS[g].fn and kind in s.extractors]
+        names[g] = match[0] if match else g
+    return names
+
+
+def resolve_metric_names(metrics: Iterable[str], extractor) -> list[str]:
+    """The metrics to compute for `metrics` with `extractor`: generic names mapped to the
+    extractor's, duplicates dropped, order kept. ValueError naming unknown or inapplicable names."""
+    names = metric_names(extractor)
+    kind = extractor_kind(extractor)
+    requested = []
+    for m in metrics:
+        m = names.get(m, m)
+        if m not in requested:
+            requested.append(m)
+    bad = [m for m in requested
+           if m not in METRICS or (METRICS[m].is_feature_metric and kind not in METRICS[m].extractors)]
+    if bad:
+        feature_here = sorted(n for n, s in METRICS.items() if kind in s.extractors)
+        raise ValueError(f"unknown or inapplicable metrics {bad} for extractor "
+                         f"{getattr(extractor, 'name', extractor)!r}; feature metrics here: {feature_here}; "
+                         f"all metrics: {known_metrics()}")
+    return requested
+
+
+def check_metric_names(names: Iterable[str], extractor_kind: str | None, cleanfid_mode: str = "clean") -> list[str]:
+    """Config-time check of a metric list (`eval.metrics`): one message per problem, [] if none.
+
+    `extractor_kind` is the configured feature extractor (`digits`, `inception`, `clean-fid`
+    (with `cleanfid_mode`), or None). Problems: a name not in the registry (with the closest
+    known names and the full list), a feature metric of another extractor, a generic name that
+    this extractor writes under another name (the metric files are named by the config's names),
+    `class_acc` without the digits extractor, and duplicates."""
+    kind = extractor_kind if extractor_kind != "clean-fid" else f"clean-fid:{cleanfid_mode}"
+    own = metric_names(kind) if kind else {}
+    problems, seen = [], set()
+    for n in names:
+        if n in seen:
+            problems.append(f"metric {n!r} is listed twice")
+            continue
+        seen.add(n)
+        spec = METRICS.get(n)
+        if spec is None:
+            close = difflib.get_close_matches(n, known_metrics(), n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            problems.append(f"unknown metric {n!r}{hint}; valid metrics: {', '.join(known_metrics())}")
+        elif spec.is_feature_metric and kind not in spec.extractors:
+            mapped = own.get(n) if n in GENERIC else None
+            if mapped and mapped != n:
+                problems.append(f"metric {n!r}: with feature extractor {extractor_kind!r} it is named {mapped!r}")
+            else:
+                problems.append(f"metric {n!r} uses {' or '.join(spec.extractors)} features, but the feature "
+                                f"extractor is {extractor_kind!r} (its metrics: {', '.join(own.values()) or 'none'})")
+        elif "classifier" in spec.needs and kind != "digits":
+            problems.append(f"metric {n!r} needs the digits classifier, i.e. feature extractor 'digits' "
+                            f"(got {extractor_kind!r})")
+    return problems
+
+
+def is_fid_key(key) -> bool:
+    """True for a FID column/record key: a name starting with `fid` that is not a sample count
+    (`*_n`, e.g. the convergence record's `fid_digits_n`)."""
+    return str(key).startswith("fid") and not str(key).endswith("_n")
+
+
+def fid_key(keys: Iterable, default: Any = None):
+    """The first key of `keys` (column names, or a record's keys) that holds a FID (`is_fid_key`),
+    as a str; `default` when there is none."""
+    return next((str(k) for k in keys if is_fid_key(k)), default)
+
+
+# ----------------------------------------------------------------------------------------------
+# the inputs of one scoring call
+
+
+class MetricInputs:
+    """The inputs of one scoring call, each built at most once and only when a metric needs it.
+
+    `images` uint8 NHWC, `labels` [N] or None, `extractor` a built FeatureExtractor or None,
+    `ref_stats_path` reference statistics npz, `feats` precomputed sample features (skips the
+    extractor), `digits_weights_path`/`config` where the digits classifier comes from,
+    `captions` for clip_score, `device` where the classifier and the CLIP model run.
+    `feature_provenance()` is the common provenance of the feature metrics."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, *, extractor=None,
+                 ref_stats_path: str | os.PathLike | None = None, feats: np.ndarray | None = None,
+                 digits_weights_path: str | os.PathLike | None = None, config: Mapping | None = None,
+                 captions: Sequence[str] | None = None, device=None):
+        self.extractor, self.ref_stats_path, self.config = extractor, ref_stats_path, config
+        self.digits_weights_path = digits_weights_path
+        self.device = device if device is not None else (config or {}).get("device", "cpu")
+        self._given_features = feats
+        self._cache: dict[str, Any] = {"images": images, "labels": labels, "captions": captions}
+
+    def __getitem__(self, key: str):
+        if key not in self._cache:
+            if key not in INPUTS:
+                raise KeyError(f"unknown metric input {key!r} (known: {sorted(INPUTS)})")
+            self._cache[key] = getattr(self, f"_make_{key}")()
+        return self._cache[key]
+
+    def _make_ref(self) -> dict:
+        from eval.fid import check_provenance, load_ref_stats
+
+        if self.ref_stats_path is None:
+            raise ValueError("feature metrics need ref_stats_path")
+        ref = load_ref_stats(self.ref_stats_path)
+        check_provenance(self.extractor.provenance, ref["provenance"], str(self.ref_stats_path))
+        return ref
+
+    def _make_features(self) -> np.ndarray:
+        ref = self["ref"]  # provenance checked before features are computed
+        feats = self._given_features if self._given_features is not None else self.extractor.features(self["images"])
+        if ref["mu"].shape != (feats.shape[1],):
+            raise ValueError(f"reference statistics {self.ref_stats_path} have dimension {ref['mu'].shape}, "
+                             f"extractor {self.extractor.name} gives {feats.shape[1]}")
+        return feats
+
+    def _make_pr(self) -> dict:
+        from eval.prdc import prdc
+
+        ref = self["ref"]
+        if ref["features"] is None:
+            raise ValueError(f"precision/recall need reference features, but {self.ref_stats_path} stores only "
+                             f"mu/sigma; rebuild it with make_ref_stats(..., store_features=True)")
+        return prdc(ref["features"], self["features"], k=PR_K)
+
+    def _make_classifier(self) -> tuple:
+        from eval.features import DigitsExtractor
+
+        cfg_path = (self.config or {}).get("digits_weights_path")
+        if self.digits_weights_path is not None:
+            clf = DigitsExtractor(self.digits_weights_path, device=self.device)
+        elif isinstance(self.extractor, DigitsExtractor):
+            clf = self.extractor
+        elif cfg_path:
+            clf = DigitsExtractor(cfg_path, device=self.device)
+        else:
+            raise ValueError("class_acc needs the digits classifier: pass digits_weights_path or use the digits "
+                             "extractor")
+        prov = {"classifier": "digits", "weights": str(clf.weights_path), "sha256": clf.provenance["sha256"],
+                "classifier_test_acc": clf.net.test_acc}
+        return clf, prov
+
+    def _make_clip(self):
+        from eval.clip_score import ClipScorer
+
+        return ClipScorer(self.config or {}, device=self.device)
+
+    def feature_provenance(self) -> dict:
+        """Extractor provenance + the reference statistics file and its provenance."""
+        return {**self.extractor.provenance, "ref_stats": str(self.ref_stats_path),
+                "ref_provenance": self["ref"]["provenance"]}
+
+
+def compute(spec: MetricSpec, inputs: MetricInputs) -> tuple[float, dict]:
+    """Run one metric on `inputs`: (value, provenance); feature metrics get the extractor and
+    reference provenance (`MetricInputs.feature_provenance`) under their own details."""
+    value, details = spec.fn(**{k: inputs[k] for k in spec.needs})
+    if spec.is_feature_metric:
+        details = {**inputs.feature_provenance(), **details}
+    return value, details

@@ -1,0 +1,30 @@
+# `snakemake --cores 2 publish`: the tables, manifests and figures the README shows, copied from the
+# git-ignored results/ to the committed docs/results/ (same names and layout), so the README's
+# numbers always come from one command. Not part of `rule all`: publishing is asked for by name.
+# docs/results/ is replaced as a whole (nothing stale stays), so keep nothing else in it.
+# Paths are relative to the working directory: a run elsewhere (--directory, the tests) publishes there.
+import shutil
+
+PUBLISH_DIR = "docs/results"
+PUBLISHED = (
+    [f"results/table1.{ext}" for ext in ("csv", "md", "html", "manifest.json")]
+    + ["results/convergence.csv"]
+    + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (".csv", ".md", ".html", ".manifest.json", "_curves.csv")]
+    + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
+)
+KEEP = {*PUBLISHED, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)
+
+
+localrules:
+    publish,
+
+
+rule publish:
+    input:
+        PUBLISHED,
+    log:
+        "logs/publish.log",
+    run:
+        shutil.rmtree(PUBLISH_DIR, ignore_errors=True)  # a mirror: nothing stale stays
+        shutil.copytree("results", PUBLISH_DIR, ignore=lambda d, names: [n for n in names if f"{d}/{n}" not in KEEP])
+        shell("ls -lR {PUBLISH_DIR} > {log}")
