@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--feature-weights", default=None, metavar="PATH",
                    help="feature extractor weights, for the convergence record (train.eval_every)")
     s.add_argument("--ref-stats", default=None, help="for the convergence record (train.eval_every)")
-    s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% (number of conditions)")
+    s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
     s.add_argument("--run", required=True)
     s.add_argument("--teacher", required=True)
     s.add_argument("--generator", default=None, help="exported generator (distillation runs); omit for teacher rows")

@@ -9,6 +9,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,6 +45,25 @@ def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
     y = np.array([labels[n] for n in names], dtype=np.int64)
     return x, y
+
+
+class ConditionSampler(Protocol):
+    """What a method draws its real data from: "k real examples of each of G conditions".
+
+    `sample(G, k)` -> (examples `[G, k, *sample_shape]` float32, condition ids `[G]` int64);
+    `random_conditions(n)` -> condition ids `[n]` int64 drawn uniformly; every draw uses
+    `generator`, which the trainer checkpoints (exact resume). `ClassBalancedSampler` is the
+    class-conditional implementation; a text-to-image benchmark serves prompt ids and their
+    positives (real images or teacher samples) the same way.
+    """
+
+    generator: torch.Generator
+
+    def sample(self, G: int, k: int, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def random_conditions(self, n: int) -> torch.Tensor:
+        ...
 
 
 @dataclass

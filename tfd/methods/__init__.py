@@ -42,7 +42,7 @@ class Method:
     """Base class. Subclasses set `Params` and implement the four methods below.
 
     `teacher` is a frozen `tfd.denoiser.Denoiser`; `data` draws real examples per condition
-    (`tfd.data.ClassBalancedSampler`: `sample(G, k) -> (x [G, k, *sample_shape], cond [G])`,
+    (a `tfd.data.ConditionSampler`: `sample(G, k) -> (x [G, k, *sample_shape], cond [G])`,
     `random_conditions(n) -> cond [n]`, and `.generator`, which the trainer checkpoints).
     Networks are `Denoiser`s made with `teacher.copy()`, called through `.denoise` / `.features`
     with int64 condition ids; a method never reads raw network attributes.
