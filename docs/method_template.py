@@ -28,6 +28,10 @@ class RegressParams:                 # CHANGE: your hyperparameters; the keys al
     batch_per_rank: int = 32         # per process: under DDP each rank draws its own batch
     teacher_steps: int = 8           # Heun steps of the teacher's target solve
 
+    def __post_init__(self):         # CHANGE: range checks here run at config load (tfd check-config)
+        if self.teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+
 
 @register("regress")                 # CHANGE: the method name, used as runs.<run>.method
 class Regress(Method):
@@ -35,8 +39,6 @@ class Regress(Method):
 
     def __init__(self, teacher, data, params: RegressParams, device="cpu"):
         super().__init__(teacher, data, params, device)  # sets self.teacher/.data/.params/.device
-        if params.teacher_steps < 1:
-            raise ValueError(f"teacher_steps must be >= 1, got {params.teacher_steps}")
         # The exported network is a Denoiser (it saves itself); a copy of the teacher is one.
         self.generator = teacher.copy()
         self.heun = HeunCfg(steps=params.teacher_steps)  # S_churn 0: the ODE over the teacher's range
@@ -59,6 +61,7 @@ class Regress(Method):
         # backward, DDP all-reduce, clipping, the optimiser step, EMA); `metrics` go to stats.jsonl.
         z, cond, t = batch["z"], batch["cond"], self.teacher
         with torch.no_grad():  # target: the teacher's Heun ODE solution from the same noise z
+            # `rnd` hands the sampler this step's z: the ODE (S_churn 0) draws noise only once
             target = edm_sampler(t.denoise, cond, SimpleNamespace(randn=lambda shape: z),
                                  t.sample_shape, self.heun, t.sigma_min, t.sigma_max)
         x = self.generator.denoise(z * t.sigma_max, t.sigma_max, cond)

@@ -3,8 +3,8 @@
 A benchmark evaluates its generators on a fixed *condition list*: the class indices of a
 class-conditional benchmark (`ClassConditions`), or the rows of a prompt table of a text-to-image
 one (`PromptTable`: id, caption, optional real-image ids). Sample `i` of an evaluation gets the
-condition `conditions[i % len(conditions)]` and the seed `base_seed + i` (DESIGN.md; EDM's
-`generate.py` draws class `i % C` the same way for balanced classes), for every sampler and for
+condition `conditions[i % len(conditions)]` and the seed `base_seed + i` (the suite's sampling rule;
+EDM's `generate.py` draws class `i % C` the same way for balanced classes), for every sampler and for
 the convergence record. Conditions travel as int64 *condition ids* (a class index, or a prompt
 row id); the denoiser encodes them. Sample files store the ids in `arr_1` and, for a prompt
 table, its sha256 (`conditions_sha256`), so a score can check it reads the right captions.

@@ -367,8 +367,8 @@ class CleanFidInception(FeatureExtractor):
 def _build_digits(config):
     value = (config or {}).get("digits_weights_path")
     if not value:
-        raise FileNotFoundError("config key `digits_weights_path` is not set: it must point to the digits feature "
-                                "network built by the DAG rule `rule digits_feature_net`")
+        raise FileNotFoundError("no weights for the digits feature network (`digits_weights_path`): the "
+                                "workflow's rule digits_feature_net builds them, or `tfd train-feature-net`")
     if not Path(value).is_file():
         raise missing_net_error(value)
     return DigitsExtractor(value, device=(config or {}).get("device", "cpu"))

@@ -108,3 +108,24 @@ def test_forbidden_patterns_are_caught(root, tmp_path):
     """The grep test can fail: a line that builds a one-hot is found."""
     text = "x = F.one_hot(labels, self.teacher.net.label_dim)\n"
     assert [p for p in FORBIDDEN if re.search(p, text)]
+
+
+def test_load_denoiser_dispatches_on_the_file_format(tmp_path):
+    """Files are read by the `format` in their metadata; folders and unknown formats are errors
+    naming the file."""
+    from eval.io import atomic_save_safetensors
+    from tfd.denoiser import DENOISER_FORMATS, register_denoiser_format
+
+    make().save(tmp_path / "t.safetensors")
+    assert isinstance(load_denoiser(tmp_path / "t.safetensors"), EDMDenoiser)
+    atomic_save_safetensors({"w": torch.zeros(1)}, tmp_path / "other.safetensors", {"format": "someone.else.v1"})
+    with pytest.raises(ValueError, match=r"other.safetensors: unknown denoiser format 'someone.else.v1'"):
+        load_denoiser(tmp_path / "other.safetensors")
+    seen = []
+    register_denoiser_format("someone.else.v1", lambda path, device: seen.append(path) or "loaded")
+    try:
+        assert load_denoiser(tmp_path / "other.safetensors") == "loaded" and seen == [tmp_path / "other.safetensors"]
+    finally:
+        DENOISER_FORMATS.pop("someone.else.v1")
+    with pytest.raises(ValueError, match="is a folder"):
+        load_denoiser(tmp_path)

@@ -14,11 +14,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _config_files(args) -> list[str]:
+    return args.config or ["config.yaml"]
+
+
 def _cfg(args):
     from tfd.config import load_config
     overrides = {"benchmark": args.bench} if getattr(args, "bench", None) else None
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(_config_files(args), overrides)
     return cfg, cfg.bench()
+
+
+def _run(b, name: str):
+    """The run block `name` of benchmark `b`; ConfigError listing the defined runs otherwise."""
+    from tfd.config import ConfigError
+    if name not in b.runs:
+        raise ConfigError(f"run {name!r} is not defined (defined: {', '.join(sorted(b.runs))})")
+    return b.runs[name]
 
 
 def cmd_check_config(args):
@@ -48,9 +60,13 @@ def _extractor(args, b):
     """The benchmark's feature extractor (`eval.feature_extractor`), weights from `--feature-weights`
     or `eval.feature_extractor_weights_path`, on `--device` (default: `default_device()`)."""
     from eval.features import build_extractor
-    return build_extractor(b.eval.feature_extractor,
-                           weights_path=args.feature_weights or b.eval.feature_extractor_weights_path,
-                           device=args.device or default_device())
+    from tfd.config import ConfigError
+    weights = args.feature_weights or b.eval.feature_extractor_weights_path
+    if weights is None:
+        built = " (the workflow builds it: rule digits_feature_net)" if b.eval.feature_extractor == "digits" else ""
+        raise ConfigError(f"the {b.eval.feature_extractor!r} feature extractor needs its weights: pass "
+                          f"--feature-weights PATH or set eval.feature_extractor_weights_path{built}")
+    return build_extractor(b.eval.feature_extractor, weights_path=weights, device=args.device or default_device())
 
 
 def cmd_ref_stats(args):
@@ -75,7 +91,7 @@ def cmd_distill(args):
     from tfd.trainer import Trainer
     cfg, b = _cfg(args)
     dist.init()
-    run = b.runs[args.run]
+    run = _run(b, args.run)
     if not run.trains:
         raise ConfigError(f"run {args.run!r} is a sampler row ({run.method}): nothing to distill")
     tcfg = run.train if args.steps is None else dataclasses.replace(run.train, steps=args.steps)
@@ -137,7 +153,7 @@ def cmd_table(args):
         write_convergence(cfg, args.results_dir, args.convergence)
     if args.manifest:
         write_manifest(cfg, args.results_dir, list(df["run"]), args.manifest, table=args.out,
-                       config_file=args.config, extra_files=_manifest_inputs(args))
+                       config_file=_config_files(args)[-1], extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
 
 
@@ -147,7 +163,7 @@ def cmd_ablation(args):
     df = write_ablation(cfg, args.results_dir, args.name, args.out, args.curves)
     if args.manifest:
         write_manifest(cfg, args.results_dir, list(dict.fromkeys(df["run"])), args.manifest, table=args.out,
-                       config_file=args.config, extra_files=_manifest_inputs(args))
+                       config_file=_config_files(args)[-1], extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
 
 
@@ -166,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, fn, help, config=True):
         s = sub.add_parser(name, help=help, description=help)
         if config:
-            s.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+            s.add_argument("--config", action="append", default=None,
+                           help="config file (default: config.yaml); give it twice to merge an overlay over it, "
+                                "as snakemake --configfile does: --config config.yaml --config .test/config.yaml")
             s.add_argument("--bench", default=None, help="benchmark to use (default: config's `benchmark`)")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.set_defaults(fn=fn)

@@ -246,7 +246,7 @@ class AblationCfg:
     key: str                                                   # params.<name> or train.<name>
     values: list[Any]
     labels: list[str] = field(default_factory=list)            # one per value (default: the value)
-    budgets: list[int] = field(default_factory=list)           # update budgets (default: the runs' steps)
+    budgets: list[int] = field(default_factory=list)           # budgets in iterations (default: the runs' steps)
     overrides: dict[str, Any] = field(default_factory=dict)    # {train: {...}, params: {...}} for every variant
     title: Optional[str] = None
     diversity: Optional[DiversityCfg] = None
@@ -371,11 +371,16 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str | Path = "config.yaml", overrides: Optional[dict] = None) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+def load_config(path: str | Path | list = "config.yaml", overrides: Optional[dict] = None) -> Config:
+    """Load, type and check a config. `path` may be a list: later files are merged key by key over
+    earlier ones (lists replaced), as `snakemake --configfile` merges an overlay such as
+    `.test/config.yaml` over `config.yaml`. ConfigError names a missing file or a bad key."""
+    data: dict = {}
+    for p in ([path] if isinstance(path, (str, Path)) else list(path)):
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = deep_update(data, yaml.safe_load(p.read_text()) or {})
     if overrides:
         data = deep_update(data, overrides)
     return check(from_dict(Config, data, "config"))

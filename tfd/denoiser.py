@@ -19,12 +19,19 @@ A `Denoiser` is an `nn.Module` in the EDM convention (Karras et al. 2022, Sec. 2
 
 Method code never reads raw network attributes (`img_resolution`, `label_dim`, `.model`);
 `tests/test_denoiser.py` greps `tfd/methods/` and `docs/method_template.py` for them.
+
+Adding a network kind (e.g. a diffusers UNet in latent space): subclass `Denoiser` and implement
+`encode_cond`, `uncond`, `_denoise`, `raw`, `resolve_layer`, `layer_names`, `save`, `decode` and
+the four attributes; write a `format` of its own in `save()` and `register_denoiser_format` its
+loader, so `load_denoiser` (teachers and exported generators) reads it; then let the config build
+it (`TeacherCfg.kind` in `tfd/config.py` and the schema) and give the benchmark its condition list
+(`tfd.runs.conditions`: a `PromptTable` for prompts).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -202,17 +209,44 @@ class EDMDenoiser(Denoiser):
         save_edm_safetensors(self.net, path)
 
 
-def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Denoiser:
-    """Load a frozen denoiser from a file: EDM-format safetensors (`tfd convert-edm`,
-    `tfd train-teacher`, or a generator exported by `tfd distill`).
+# File format (the `format` key of a safetensors file's metadata) -> loader(path, device) -> Denoiser.
+# A new network kind (e.g. a diffusers UNet behind `DiffusersDenoiser`) implements the `Denoiser`
+# methods above, writes its own format in `save()`, and registers its loader here.
+DENOISER_FORMATS: dict[str, Callable[[Path, Any], Denoiser]] = {}
 
-    Raises FileNotFoundError naming `what` (teacher / generator) when the file is missing.
-    """
+
+def register_denoiser_format(fmt: str, loader: Callable[[Path, Any], Denoiser]) -> None:
+    """Make `load_denoiser` read files whose metadata `format` is `fmt` with `loader(path, device)`."""
+    DENOISER_FORMATS[fmt] = loader
+
+
+def _load_edm(path: Path, device) -> Denoiser:
     from tfd.networks.convert import load_edm_safetensors
+    return EDMDenoiser(load_edm_safetensors(path).to(device))
 
+
+def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Denoiser:
+    """Load a frozen denoiser from a file, by the `format` in its metadata (`DENOISER_FORMATS`):
+    EDM-format safetensors (`tfd convert-edm`, `tfd train-teacher`, or a generator exported by
+    `tfd distill`).
+
+    Raises FileNotFoundError naming `what` (teacher / generator) when the file is missing, and
+    ValueError naming the file for a folder, an unreadable file or an unknown format.
+    """
+    from eval.io import read_safetensors_metadata
+    from tfd.networks.convert import FORMAT as EDM_FORMAT
+
+    DENOISER_FORMATS.setdefault(EDM_FORMAT, _load_edm)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; a denoiser file (safetensors) is expected "
+                         f"(known formats: {', '.join(sorted(DENOISER_FORMATS))})")
     if not path.is_file():
         hint = ("set teacher.checkpoint in config.yaml; make it with `tfd convert-edm` or `tfd train-teacher`"
                 if what == "teacher" else "it is written by `tfd distill`")
         raise FileNotFoundError(f"{what} checkpoint not found: {path} ({hint})")
-    return EDMDenoiser(load_edm_safetensors(path).to(device))
+    fmt = read_safetensors_metadata(path).get("format")
+    if fmt not in DENOISER_FORMATS:
+        raise ValueError(f"{what} {path}: unknown denoiser format {fmt!r} "
+                         f"(known: {', '.join(sorted(DENOISER_FORMATS))})")
+    return DENOISER_FORMATS[fmt](path, device)
