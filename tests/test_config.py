@@ -129,3 +129,22 @@ def test_run_blocks_are_typed_once_with_defaults_from_one_dataclass(root):
     d["benchmarks"]["digits"]["runs"]["teacher_ode"]["train"] = {"steps": 3}
     with pytest.raises(ConfigError, match="teacher_ode.train: a 'heun' row takes no train settings"):
         from_dict(Config, d, "config")
+
+
+def test_config_files_merge_like_snakemake_configfile(root):
+    """`tfd --config config.yaml --config .test/config.yaml` sees the tiny DAG's settings, merged key
+    by key as `snakemake --configfile` merges them."""
+    b = load_config([root / "config.yaml", root / ".test" / "config.yaml"]).bench()
+    full = load_config(root / "config.yaml").bench()
+    assert b.runs["tfd"].train.steps == 3 and full.runs["tfd"].train.steps == 1000
+    assert b.runs["tfd"].params.lambda_anchor == full.runs["tfd"].params.lambda_anchor  # untouched keys kept
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config([root / "config.yaml", root / "nope.yaml"])
+
+
+def test_cli_names_an_undefined_run(root, capsys):
+    from tfd.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--config", str(root / "config.yaml"), "--run", "tdf", "--teacher", "x", "--out-dir", "y"])
+    msg = str(e.value.code)
+    assert msg.startswith("tfd distill: error: run 'tdf' is not defined") and msg.endswith(" tfd)")

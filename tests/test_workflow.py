@@ -157,3 +157,12 @@ def test_bad_config_fails_before_work(tmp_path, tiny_config, run_snakemake):
     assert r.returncode != 0
     assert "num_sampels" in r.stdout + r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_publish_refuses_an_overlay_config(tmp_path, run_snakemake):
+    """`publish` mirrors the default benchmark into docs/results/: a run that merges the tiny
+    overlay (or any --configfile) over config.yaml is refused when the DAG is built, before any job."""
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    r = run_snakemake(tmp_path, "-n", "publish", "--configfile", str(TINY_CONFIG))
+    assert r.returncode != 0 and "refusing" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "results").exists()

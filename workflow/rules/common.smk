@@ -159,6 +159,20 @@ def out_stem(wildcards, output):
     return output.png[:-len(".png")]
 
 
+def published_inputs(wildcards):
+    """The files to publish; refuses (when the DAG is built, before any job runs) a run whose
+    config merges an overlay over ./config.yaml, e.g. the tiny .test/config.yaml: its numbers are
+    not the README's."""
+    overlays = ([str(f) for f in workflow.overwrite_configfiles]  # --configfile (its keys also land below)
+                or [f"--config {k}=..." for k in (workflow.config_settings.overwrite_config or {})])
+    if overlays:
+        raise WorkflowError(f"publish copies the benchmark of ./config.yaml into {PUBLISH_DIR}/, but this run "
+                            f"merges {', '.join(overlays)} over it; refusing (run `snakemake --cores 2 all "
+                            "publish` with the config file alone)")
+    return PUBLISHED  # defined in publish.smk
+
+
+
 wildcard_constraints:
     method="|".join(sorted({re.escape(r.method) for r in RUNS.values()})),
     run="|".join(sorted(map(re.escape, RUNS))),
