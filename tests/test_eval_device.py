@@ -85,7 +85,8 @@ def test_ref_stats_builds_the_extractor_on_the_gpu_when_present(monkeypatch, tin
     monkeypatch.setattr(F, "build_extractor", build)
     monkeypatch.setattr(eval.score, "make_ref_stats", make)
     monkeypatch.setattr(tfd.runs, "load_data", lambda b: (np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)))
-    main(["ref-stats", "--config", str(tiny_config), "--out", str(tmp_path / "ref.npz")])
+    main(["ref-stats", "--config", str(tiny_config), "--feature-weights", str(tmp_path / "w.safetensors"),
+          "--out", str(tmp_path / "ref.npz")])
     assert build.calls[0][1]["device"] == "cuda"
     (args, _), = make.calls
     assert args[0].dtype == np.uint8 and args[0].shape == (2, 8, 8, 1) and args[2].device == "cuda"
