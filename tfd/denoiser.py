@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.io import read_safetensors_metadata
+from tfd.networks.convert import FORMAT as EDM_FORMAT
+from tfd.networks.convert import load_edm_safetensors, save_edm_safetensors
 from tfd.networks.edm import EDMPrecond, list_layers, resolve_layer
 
 
@@ -68,7 +71,7 @@ class Denoiser(nn.Module):
         raise ValueError(f"{type(self).__name__} has no unconditional branch: guidance is not available")
 
     # -- the denoiser -------------------------------------------------------------------------
-    def _sigma(self, sigma, x: torch.Tensor) -> torch.Tensor:
+    def broadcast_sigma(self, sigma, x: torch.Tensor) -> torch.Tensor:
         """A scalar, `[N]` or `[N, 1, ...]` sigma -> float32 `[N, 1, ..., 1]` broadcastable to x."""
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
         return s.expand(x.shape[0], *s.shape[1:])
@@ -84,7 +87,7 @@ class Denoiser(nn.Module):
         `D_u + w (D_c - D_u)` (Ho & Salimans 2022, Eq. 6 in x0 form), which needs an
         unconditional branch (`has_uncond`); ValueError otherwise.
         """
-        s = self._sigma(sigma, x)
+        s = self.broadcast_sigma(sigma, x)
         if guidance is None or guidance == 1:
             return self._denoise(x, s, self.encode_cond(cond))
         d_u = self._denoise(x, s, self.uncond(x.shape[0], x.device))
@@ -196,7 +199,7 @@ class EDMDenoiser(Denoiser):
         return self.net(x, sigma, c)
 
     def raw(self, x, sigma, cond):
-        return self.net.raw(x, self._sigma(sigma, x), self.encode_cond(cond))
+        return self.net.raw(x, self.broadcast_sigma(sigma, x), self.encode_cond(cond))
 
     def resolve_layer(self, name):
         return resolve_layer(self.net, name)
@@ -205,7 +208,6 @@ class EDMDenoiser(Denoiser):
         return list_layers(self.net)
 
     def save(self, path):
-        from tfd.networks.convert import save_edm_safetensors
         save_edm_safetensors(self.net, path)
 
 
@@ -221,8 +223,10 @@ def register_denoiser_format(fmt: str, loader: Callable[[Path, Any], Denoiser]) 
 
 
 def _load_edm(path: Path, device) -> Denoiser:
-    from tfd.networks.convert import load_edm_safetensors
     return EDMDenoiser(load_edm_safetensors(path).to(device))
+
+
+register_denoiser_format(EDM_FORMAT, _load_edm)
 
 
 def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Denoiser:
@@ -233,10 +237,6 @@ def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Deno
     Raises FileNotFoundError naming `what` (teacher / generator) when the file is missing, and
     ValueError naming the file for a folder, an unreadable file or an unknown format.
     """
-    from eval.io import read_safetensors_metadata
-    from tfd.networks.convert import FORMAT as EDM_FORMAT
-
-    DENOISER_FORMATS.setdefault(EDM_FORMAT, _load_edm)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; a denoiser file (safetensors) is expected "

@@ -72,8 +72,7 @@ def consistency_fn(net, x: torch.Tensor, sigma, cond) -> torch.Tensor:
     F = `net.raw` of a `Denoiser`, smin / sd = its sigma_min / sigma_data. x `[N, *sample_shape]`,
     sigma scalar or `[N]`, cond `[N]` int64 condition ids -> float32 like x."""
     x = x.to(torch.float32)
-    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    sigma = sigma.expand(x.shape[0], *sigma.shape[1:])
+    sigma = net.broadcast_sigma(sigma, x)
     c_skip, c_out, _ = cm_scalings(sigma, net.sigma_min, net.sigma_data)
     return c_skip * x + c_out * net.raw(x, sigma, cond)
 

@@ -297,7 +297,9 @@ class EDMPrecond(nn.Module):
 
     def raw(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         """F(c_in x, c_noise, c) as float32, the network output before c_skip / c_out (Table 1)."""
-        x, sigma, class_labels = self._inputs(x, sigma, class_labels)
+        return self._raw(*self._inputs(x, sigma, class_labels), force_fp32, **model_kwargs)
+
+    def _raw(self, x, sigma, class_labels, force_fp32=False, **model_kwargs):
         use_fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
         dtype = torch.float16 if use_fp16 else torch.float32
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
@@ -309,8 +311,8 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         """D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM Table 1); float32 [N, C, H, W]."""
-        F_x = self.raw(x, sigma, class_labels, force_fp32, **model_kwargs)
-        x, sigma, _ = self._inputs(x, sigma, None)
+        x, sigma, class_labels = self._inputs(x, sigma, class_labels)
+        F_x = self._raw(x, sigma, class_labels, force_fp32, **model_kwargs)
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()

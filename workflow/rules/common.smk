@@ -16,31 +16,33 @@ SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working direct
              "workflow/site.example.yaml; the slurm profile loads it), or pass --configfile FILE.")
 
 
-def _check_config():
-    """The CLI's typed checks (missing paths, unknown methods, ...) and that every configured
-    input file exists, before any job: one message naming the config keys."""
+def _typed_config(checked: bool) -> Config:
+    """The typed config (one load). `checked`: also the CLI's checks (missing paths, unknown
+    methods, metric names, ...) and that every configured input file exists, before any job: one
+    message naming the config keys."""
     b, w = config["benchmarks"].get(config["benchmark"], {}), f"benchmarks.{config['benchmark']}"
     files = {f"{w}.teacher.checkpoint": b.get("teacher", {}).get("checkpoint"),
              f"{w}.data.path": b.get("data", {}).get("path"),
              f"{w}.eval.ref_stats": b.get("eval", {}).get("ref_stats"),
              f"{w}.eval.feature_extractor_weights_path": b.get("eval", {}).get("feature_extractor_weights_path")}
     try:
-        check(from_dict(Config, config, "config"))
+        typed = from_dict(Config, config, "config")
+        if not checked:
+            return typed
+        check(typed)
     except ConfigError as e:
         hint = f"\n{SITE_HINT}" if any(k in str(e) for k in files) else ""
         raise WorkflowError(f"invalid configuration: {e}{hint}") from None
     gone = [f"  - {k}: no such file: {v}" for k, v in files.items() if v and not Path(v).is_file()]
     if gone:
         raise WorkflowError("configured files not found:\n" + "\n".join(gone) + f"\n{SITE_HINT}")
+    return typed
 
-
-if workflow.is_main_process:  # jobs re-parse this file; the main process has checked (no torch import per job)
-    _check_config()
 
 BENCH = config["benchmark"]
 # The typed config, resolved once (tfd.config): every run's train/params/sampler block is a
 # dataclass with its defaults, and the ablation sweeps are expanded into runs, as the CLI sees them.
-BENCH_CFG = from_dict(Config, config, "config").bench(BENCH)
+BENCH_CFG = _typed_config(checked=workflow.is_main_process).bench(BENCH)  # jobs re-parse: the main process checked
 RUNS = BENCH_CFG.runs
 ABLATIONS = BENCH_CFG.ablations
 EVAL_CFG = BENCH_CFG.eval
