@@ -152,3 +152,20 @@ def test_safetensors_files_are_byte_reproducible(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="bad.safetensors"):
         read_safetensors_metadata(tmp_path / "bad.safetensors")
+
+
+def test_every_writer_gives_the_umask_mode(tmp_path):
+    """Case 11 of ../shared/cases (file modes): the one atomic writer gives every output the mode a
+    plain open() would (0o666 & ~umask), weights and JSON alike (it used to be 600 vs 644)."""
+    from eval.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "g.safetensors", {"format": "x"})
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "c.pt")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
