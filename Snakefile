@@ -14,6 +14,7 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/text.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/publish.smk"
 
@@ -22,5 +23,6 @@ rule all:
     input:
         "results/table1.csv",
         "results/table1.html",
+        [f"results/table2.{ext}" for ext in ("csv", "html")] if TEXT_BENCH else [],
         [f"results/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("csv", "html")],
         all_figures(),

@@ -12,8 +12,10 @@ Every extractor runs on the device given by the config key `device` (default `cp
 
 Entries (config keys in brackets):
 
-* `digits` [`digits_weights_path`]: the penultimate (64-d) features of the digits feature network
-  (`eval.digits_net`). Also registered with torch-fidelity as `digits-net` (weights through
+* `digits` [`digits_weights_path`, optional `digits_input_size` = 8]: the penultimate (64-d)
+  features of the digits feature network (`eval.digits_net`); inputs larger than 8x8 (side a
+  multiple of 8, e.g. 32 for `digits-text`) are area-averaged to 8x8 (`digits_input_8x8`).
+  Also registered with torch-fidelity as `digits-net` (8x8 inputs; weights through
   torch-fidelity's own `feature_extractor_weights_path` kwarg), so torch-fidelity's
   `calculate_metrics(..., feature_extractor='digits-net')` runs through its real code path; and
   `DigitsExtractor.cleanfid_fn()` is the same network as a clean-fid `custom_feat_extractor`.
@@ -136,16 +138,56 @@ class FeatureExtractor:
 # ----------------------------------------------------------------------------------------------
 # digits
 
+DIGITS_8X8_RULE = "uint8 grayscale (RGB must have equal channels; channel 0 used) -> u8/127.5-1 float32"
+DIGITS_AREA_RULE = ("uint8 1 or 3 channels -> mean over channels and {k}x{k} pixel blocks, rounded half up to uint8 "
+                    "8x8 (floor((2*sum + n) / (2*n)), n = channels*{k}*{k}) -> u8/127.5-1 float32")
+
+
+def _digits_block(side: int) -> int:
+    """The area-averaging factor `side // 8` for square inputs of `side` (8, 16, 24, 32, ...);
+    ValueError naming the size otherwise."""
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 8 or side % 8:
+        raise ValueError(f"the digits network takes square images whose side is a multiple of 8 "
+                         f"(8x8, 16x16, 32x32, ...): got size {side!r}")
+    return int(side) // 8
+
+
+def digits_input_8x8(u8: torch.Tensor, input_size: int = 8) -> torch.Tensor:
+    """uint8 [B, 1|3, S, S] -> uint8 [B, 1, 8, 8], the digits network's input (S = `input_size`).
+
+    S = 8: the original rule (`DIGITS_8X8_RULE`): grayscale, or RGB with equal channels (channel 0).
+    S = 8k (k > 1): area average (`DIGITS_AREA_RULE`): the mean over the channels and each k x k
+    block, rounded half up in exact integer arithmetic, so a nearest-neighbour k-times upsampling
+    of an 8x8 image (gray or replicated RGB) gives back that image exactly. ValueError naming the
+    size when the images are not S x S or S is not a multiple of 8; 1 or 3 channels only."""
+    k = _digits_block(input_size)
+    b, c, h, w = u8.shape
+    if (h, w) != (input_size, input_size):
+        raise ValueError(f"the digits extractor was built for {input_size}x{input_size} images (input_size), "
+                         f"got {h}x{w}" + ("" if h == w and h % 8 == 0 and h >= 8 else
+                                            ": the side must be a multiple of 8 (8x8, 16x16, 32x32, ...)"))
+    if k == 1:
+        return _gray(u8)
+    if c not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got {c}")
+    n = c * k * k
+    sums = u8.to(torch.int64).reshape(b, c, 8, k, 8, k).sum(dim=(1, 3, 5))
+    return torch.div(2 * sums + n, 2 * n, rounding_mode="floor").to(torch.uint8)[:, None]
+
 
 class DigitsExtractor(FeatureExtractor):
     batch_size = 1000
 
-    def __init__(self, weights_path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, weights_path: str | os.PathLike, device: str | torch.device = "cpu", input_size: int = 8):
         """`weights_path`: digits network from `train_digits_net` (FileNotFoundError naming the DAG
-        rule when absent); `device`: where the network runs."""
+        rule when absent); `device`: where the network runs; `input_size`: the side of the square
+        images it is given (8, or a multiple of 8 such as 32 for `digits-text`; see
+        `digits_input_8x8`), recorded in the provenance (ValueError for another value)."""
+        _digits_block(input_size)
         self.weights_path = Path(weights_path)
         self.net = load_digits_net(self.weights_path, device=device)
         self.device = device
+        self.input_size = int(input_size)
         self.name = "digits"
         self.dim = self.net.feat_dim
         self.provenance = {
@@ -154,13 +196,13 @@ class DigitsExtractor(FeatureExtractor):
             "sha256": file_sha256(self.weights_path),
             "layer": "penultimate",
             "dim": self.dim,
-            "resolution": "8x8",
-            "preprocessing": "uint8 grayscale (RGB must have equal channels; channel 0 used) -> u8/127.5-1 float32",
+            "resolution": "8x8" if input_size == 8 else f"{input_size}x{input_size} -> 8x8",
+            "preprocessing": DIGITS_8X8_RULE if input_size == 8 else DIGITS_AREA_RULE.format(k=input_size // 8),
             "test_acc": self.net.test_acc,
         }
 
     def _net_input(self, u8: torch.Tensor) -> torch.Tensor:
-        return dequantise_edm(_gray(u8).to(self.device))
+        return dequantise_edm(digits_input_8x8(u8, self.input_size).to(self.device))
 
     def _features_u8(self, u8):
         return self.net.features(self._net_input(u8))
@@ -371,7 +413,8 @@ def _build_digits(config):
                                 "workflow's rule digits_feature_net builds them, or `tfd train-feature-net`")
     if not Path(value).is_file():
         raise missing_net_error(value)
-    return DigitsExtractor(value, device=(config or {}).get("device", "cpu"))
+    return DigitsExtractor(value, device=(config or {}).get("device", "cpu"),
+                           input_size=(config or {}).get("digits_input_size") or 8)
 
 
 def _build_inception(config):

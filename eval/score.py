@@ -115,13 +115,28 @@ def score_samples(npz_path: str | os.PathLike, out_dir: str | os.PathLike, metri
                   extractor: FeatureExtractor | str | None, ref_stats_path: str | os.PathLike | None,
                   digits_weights_path: str | os.PathLike | None = None, n_max: int | None = None,
                   config: Mapping | None = None, captions: Sequence[str] | None = None,
-                  device: str | torch.device | None = None) -> dict[str, dict]:
+                  device: str | torch.device | None = None, prompts=None,
+                  resolution: int | None = None) -> dict[str, dict]:
     """Score a sample npz; write `out_dir/{metric}.json` per metric; return {metric: record}.
 
     `extractor` is a registry name (built from `config`, see eval.features) or a built extractor;
     it may be None when only `max_ssim` / `class_acc` are requested. The other arguments are
-    those of `compute_metrics`; `n_max` scores only the first n samples."""
+    those of `compute_metrics`; `n_max` scores only the first n samples. Text-to-image:
+    `prompts` (an `eval.conditions.PromptTable`) gives each sample's caption from its condition
+    id (`arr_1`), after checking the file's `conditions_sha256` is this table's (ValueError
+    otherwise); `resolution`: images are centre-cropped and LANCZOS-resized to it first
+    (`eval.coco.crop_resize_batch`, DMD2's COCO protocol), as the reference images were."""
     images, labels, quant = load_samples(npz_path, n_max)
+    if prompts is not None:
+        with np.load(npz_path, allow_pickle=False) as z:
+            sha = str(z["conditions_sha256"]) if "conditions_sha256" in z else None
+        if sha != prompts.sha256:
+            raise ValueError(f"{npz_path} was sampled with prompt table {sha} but the given table "
+                             f"{prompts.source or '(in memory)'} is {prompts.sha256}")
+        captions = prompts.captions(labels)
+    if resolution is not None and images.shape[1:3] != (resolution, resolution):
+        from eval.coco import crop_resize_batch
+        images = crop_resize_batch(images, resolution)
     res = compute_metrics(images, labels, metrics, extractor=extractor, ref_stats_path=ref_stats_path,
                           digits_weights_path=digits_weights_path, config=config, captions=captions, device=device)
     out_dir = Path(out_dir)

@@ -69,7 +69,7 @@ def test_score_builds_the_extractor_on_the_chosen_device(monkeypatch, tiny_confi
     main(["score", "--config", str(tiny_config), "--samples", "s.npz", "--out-dir", str(tmp_path / "m"),
           "--ref-stats", "r.npz", "--feature-weights", "w.safetensors", *flag])
     (args, kw), = build.calls
-    assert args == ("digits",) and kw == {"weights_path": "w.safetensors", "device": expected}
+    assert args == ("digits",) and kw == {"weights_path": "w.safetensors", "device": expected, "digits_input_size": 8}
     (sargs, skw), = score.calls
     assert sargs[2] == ["fid_digits", "max_ssim"] and skw["device"] == expected and skw["extractor"].device == expected
 
@@ -143,6 +143,6 @@ def test_convergence_hook_builds_its_extractor_on_the_trainer_device(monkeypatch
     monkeypatch.setattr(C, "check_provenance", lambda *a: None)
     b = SimpleNamespace(eval=SimpleNamespace(feature_extractor="digits", feature_extractor_weights_path=None,
                                              convergence_samples=4, batch_size=2, base_seed=0),
-                        channels=1, resolution=8, num_classes=10)
+                        channels=1, resolution=8, num_classes=10, task="class")
     C.convergence_eval_fn(b, "w.safetensors", "ref.npz", None, None, device="cuda")
     assert build.calls[0][1] == {"weights_path": "w.safetensors", "device": "cuda"}

@@ -21,7 +21,8 @@ from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_binari
 
 PROFILE = ROOT / "workflow/profiles/slurm"
 PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["imagenet64"]
-GPU_RULES = ("distill", "sample_shard", "score")
+GPU_RULES = ("distill", "sample_shard", "score", "score_text")
+COCO = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["coco2014"]
 RUN_TIMEOUT = 300  # s, for the real SLURM run (9 jobs in 7 waves; ~10-25 s a wave on 2 cores)
 
 
@@ -63,9 +64,34 @@ def make_site(d: Path, teacher_ext: str = "safetensors") -> Path:
     b["data"]["path"] = str(d / "imagenet-64x64.zip")
     b["eval"]["ref_stats"] = str(d / "imagenet-64x64.npz")
     b["eval"]["feature_extractor_weights_path"] = str(d / "weights-inception-2015-12-05-6726825d.pth")
+    site["benchmarks"]["coco2014"] = make_coco_site(d / "coco")
     out = d / "site.yaml"
     out.write_text(yaml.safe_dump(site))
     return out
+
+
+def make_coco_site(d: Path) -> dict:
+    """Tiny stand-ins for Table 2's files (a random tiny SDXL-topology pipeline folder, a 3-image
+    COCO captions json with its val2014 folder, dummy clean-fid Inception and CLIP files); returns
+    the `benchmarks.coco2014` block of a site file."""
+    from PIL import Image
+
+    from tfd.t2i_tiny import build_random_pipeline_folder
+
+    (d / "val2014").mkdir(parents=True, exist_ok=True)
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 64, "height": 48} for i in (1, 2, 3)]
+    for im in images:
+        Image.fromarray(np.full((48, 64, 3), 40 * im["id"], np.uint8)).save(d / "val2014" / im["file_name"])
+    anns = [{"id": 10 * i + j, "image_id": i, "caption": f"a photo of thing {i}, take {j}"} for i in (1, 2, 3)
+            for j in (1, 2)]
+    (d / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    (d / "inception-2015-12-05.pt").write_bytes(b"stand-in")
+    (d / "open_clip_pytorch_model.bin").write_bytes(b"stand-in")
+    build_random_pipeline_folder(d / "sdxl-base")
+    return {"teacher": {"checkpoint": str(d / "sdxl-base")},
+            "data": {"captions_json": str(d / "captions_val2014.json"), "images_dir": str(d / "val2014")},
+            "eval": {"feature_extractor_weights_path": str(d / "inception-2015-12-05.pt"),
+                     "clip_checkpoint": str(d / "open_clip_pytorch_model.bin")}}
 
 
 def dry_jobs(text: str) -> list[dict]:
@@ -116,7 +142,7 @@ def test_paper_dag_dry_run(paper_dir, teacher_ext, run_snakemake):
 
     # each job's resources are the profile's: default-resources, then set-resources of its rule
     prof = profile()
-    assert prof["executor"] == "slurm" and prof["config"] == {"benchmark": "imagenet64"}
+    assert prof["executor"] == "slurm" and prof["config"] == {"benchmark": "imagenet64", "text_benchmark": "coco2014"}
     gpu_partition = prof["set-resources"]["distill"]["slurm_partition"]
     for j in jobs:
         want = {**prof["default-resources"], **prof["set-resources"].get(j["rule"], {})}
@@ -141,24 +167,61 @@ def test_unfilled_site_file_fails_with_one_message(paper_dir, case, run_snakemak
     if case == "unfilled":
         (paper_dir / "site.yaml").write_text((ROOT / "workflow/site.example.yaml").read_text())
         missing = ["teacher.checkpoint", "data.path", "eval.feature_extractor_weights_path"]
+        missing_coco = ["teacher.checkpoint", "data.captions_json", "data.images_dir",
+                        "eval.feature_extractor_weights_path", "eval.clip_checkpoint"]
     elif case == "file_missing":
         make_site(paper_dir / "site")
         site = yaml.safe_load((paper_dir / "site/site.yaml").read_text())
         site["benchmarks"]["imagenet64"]["data"]["path"] = str(paper_dir / "nowhere/imagenet-64x64.zip")
         (paper_dir / "site.yaml").write_text(yaml.safe_dump(site))
-        missing = ["data.path"]
+        missing, missing_coco = ["data.path"], []
     else:
         missing = ["teacher.checkpoint", "data.path", "eval.feature_extractor_weights_path"]
+        missing_coco = ["teacher.checkpoint", "data.captions_json", "data.images_dir",
+                        "eval.feature_extractor_weights_path", "eval.clip_checkpoint"]
     r = run_snakemake(paper_dir, "-n", "--profile", str(PROFILE), "results/table1.csv")
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     for key in missing:
         assert f"benchmarks.imagenet64.{key}" in out, (key, out[-3000:])
+    for key in missing_coco:  # Table 2's paths in the same message
+        assert out.count(f"benchmarks.coco2014.{key}:") == 1, (key, out[-3000:])
     if case == "file_missing":
         assert "nowhere/imagenet-64x64.zip" in out and "teacher.checkpoint" not in out, out[-3000:]
     assert "site.yaml" in out and "site.example.yaml" in out, out[-3000:]
     assert "Traceback" not in out and out.count(f"benchmarks.imagenet64.{missing[0]}") == 1, out[-3000:]
     assert not (paper_dir / "results").exists() and not (paper_dir / ".snakemake/slurm_logs").exists()
+
+
+def test_text_to_image_dag_dry_run(paper_dir, run_snakemake):
+    """Table 2 on the cluster (coco2014): prompt table, reference statistics of the prompts' real
+    images, 20 sample shards per teacher row, scoring and the table, each job with its resources;
+    a published row whose weights are not given is listed with the paper's numbers, not sampled."""
+    make_site(paper_dir / "site")
+    (paper_dir / "site.yaml").write_text((paper_dir / "site/site.yaml").read_text())
+    r = run_snakemake(paper_dir, "-n", "--profile", str(PROFILE), "--cores", "1000", "results/table2.csv")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    jobs = dry_jobs(out)
+    counts = pd.Series([j["rule"] for j in jobs]).value_counts().to_dict()
+    scored = [r for r in COCO["table2"] if not COCO["runs"][r]["sampler"].get("published")]
+    shards = COCO["eval"]["shards"]
+    assert scored == ["sdxl_cfg6", "sdxl_cfg8"] and shards == 20
+    assert counts == {"prompts": 1, "ref_stats": 1, "sample_shard": shards * len(scored),
+                      "merge_samples": len(scored), "score_text": len(scored), "table2": 1}, counts
+    prof = profile()
+    gpu_partition = prof["set-resources"]["distill"]["slurm_partition"]
+    for j in jobs:
+        want = {**prof["default-resources"], **prof["set-resources"].get(j["rule"], {})}
+        for k, v in want.items():
+            assert j["resources"].get(k) == str(v), (j["rule"], k, j["resources"])
+        assert (j["resources"].get("gpu") == "1") == (j["rule"] in GPU_RULES), j
+        if j["rule"] in GPU_RULES:
+            assert j["resources"]["slurm_partition"] == gpu_partition, j
+    assert all(p.startswith("results/coco2014/") for p in re.findall(r"output: (\S+?),?$", out, re.M)
+               if not p.startswith("results/table2"))
+    print("\n" + "\n".join(f"{j['rule']:14s} {j['wildcards']} {j['resources']}" for j in jobs
+                           if j["rule"] != "sample_shard" or j["wildcards"].get("k") == "0"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,10 +19,18 @@ def _config_files(args) -> list[str]:
 
 
 def _cfg(args):
+    """(config, the benchmark this command works on). `--bench X` makes X the config's only active
+    benchmark (`benchmark: X`, no `text_benchmark`): a command works on one benchmark."""
     from tfd.config import load_config
-    overrides = {"benchmark": args.bench} if getattr(args, "bench", None) else None
+    overrides = {"benchmark": args.bench, "text_benchmark": None} if getattr(args, "bench", None) else None
     cfg = load_config(_config_files(args), overrides)
     return cfg, cfg.bench()
+
+
+def _prompts(args, b):
+    """The prompt table of a text benchmark (`--prompts`), None for a class benchmark."""
+    from tfd.runs import conditions
+    return conditions(b, args.prompts) if b.task == "text" else None
 
 
 def _run(b, name: str):
@@ -34,8 +42,11 @@ def _run(b, name: str):
 
 
 def cmd_check_config(args):
+    from tfd.config import check
     cfg, b = _cfg(args)
-    print(f"config OK: benchmark {cfg.benchmark!r}, runs {', '.join(b.runs)}")
+    check(cfg, files=True)
+    for name in cfg.active:
+        print(f"config OK: benchmark {name!r} ({cfg.bench(name).task}), runs {', '.join(cfg.bench(name).runs)}")
 
 
 def cmd_train_teacher(args):
@@ -66,7 +77,8 @@ def _extractor(args, b):
         built = " (the workflow builds it: rule digits_feature_net)" if b.eval.feature_extractor == "digits" else ""
         raise ConfigError(f"the {b.eval.feature_extractor!r} feature extractor needs its weights: pass "
                           f"--feature-weights PATH or set eval.feature_extractor_weights_path{built}")
-    return build_extractor(b.eval.feature_extractor, weights_path=weights, device=args.device or default_device())
+    return build_extractor(b.eval.feature_extractor, weights_path=weights, device=args.device or default_device(),
+                           digits_input_size=b.resolution)  # digits: 8x8, or 32x32 digits-text averaged to 8x8
 
 
 def cmd_ref_stats(args):
@@ -74,11 +86,117 @@ def cmd_ref_stats(args):
 
     from eval.sample import quantise_edm, to_nhwc_numpy
     from eval.score import make_ref_stats
+    from tfd.config import ConfigError
     from tfd.runs import load_data
     cfg, b = _cfg(args)
-    x, _ = load_data(b)
-    make_ref_stats(to_nhwc_numpy(quantise_edm(torch.as_tensor(x))), args.out, _extractor(args, b))
-    print(f"reference statistics of {len(x)} real images -> {args.out}")
+    if b.task == "text":  # the prompt table's real images, centre-cropped and LANCZOS-resized (DMD2's protocol)
+        from eval.coco import load_real_images
+        table = _prompts(args, b)
+        _, images_dir = _captions_and_images(args, b)
+        if not images_dir:
+            raise ConfigError("a text benchmark's reference statistics need the real images: pass --images-dir or "
+                              f"set benchmarks.{cfg.benchmark}.data.images_dir")
+        real = load_real_images(table, images_dir, b.eval.resolution or b.resolution)
+        source = f"{len(real)} images of {args.prompts} from {images_dir}"
+    else:
+        x, _ = load_data(b)
+        real, source = to_nhwc_numpy(quantise_edm(torch.as_tensor(x))), f"{cfg.benchmark} training data"
+    make_ref_stats(real, args.out, _extractor(args, b), source=source)
+    print(f"reference statistics of {len(real)} real images -> {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# text-to-image: data, prompt table, the embedded teacher and CLIP
+
+
+def _text_bench(args):
+    """(config, benchmark) of a command that only applies to a text benchmark; ConfigError otherwise."""
+    from tfd.config import ConfigError
+    cfg, b = _cfg(args)
+    if b.task != "text":
+        raise ConfigError(f"`tfd {args.cmd}` applies to a text-to-image benchmark; {cfg.benchmark!r} is "
+                          f"class-conditional (pass --bench, e.g. --bench {cfg.text_benchmark or 'digits_text'})")
+    return cfg, b
+
+
+def cmd_text_data(args):
+    from eval.digits_text import write_digits_coco
+    from tfd.config import ConfigError
+    cfg, b = _text_bench(args)
+    if b.data.kind != "digits_text":
+        raise ConfigError(f"benchmarks.{cfg.benchmark}.data.kind is {b.data.kind!r}: only the embedded "
+                          "'digits_text' data is written by the suite (COCO comes from your site paths)")
+    info = write_digits_coco(args.out_dir, size=b.resolution)
+    print(json.dumps(info["counts"]))
+    print(f"digits-text data ({info['counts']['images']} images) -> {args.out_dir}")
+
+
+def _captions_and_images(args, b):
+    """(captions json, images folder) from --data-dir (the embedded folder), the flags, or the config."""
+    from pathlib import Path
+    if getattr(args, "data_dir", None):
+        return Path(args.data_dir) / "captions.json", Path(args.data_dir) / "images"
+    return (getattr(args, "captions_json", None) or b.data.captions_json,
+            getattr(args, "images_dir", None) or b.data.images_dir)
+
+
+def cmd_prompts(args):
+    from eval.coco import build_coco_prompts
+    from eval.conditions import load_prompt_table
+    from tfd.config import ConfigError
+    cfg, b = _text_bench(args)
+    captions, images = _captions_and_images(args, b)
+    given = args.prompts_file or b.prompts.file
+    if given:  # DMD2's all_prompts.pkl, a .txt of captions, or a prompt table: taken as given, in order
+        table = load_prompt_table(given)
+    elif not captions:
+        raise ConfigError(f"no captions: set benchmarks.{cfg.benchmark}.data.captions_json (COCO-2014 "
+                          "captions_val2014.json) or prompts.file, or pass --captions-json / --data-dir")
+    else:
+        table = build_coco_prompts(captions, b.prompts.num_prompts, seed=b.prompts.seed, images_dir=images)
+    table.save_jsonl(args.out)
+    print(f"prompt table: {table.describe()} -> {args.out}")
+
+
+def _text_arrays(args):
+    from eval.digits_text import digits_text_arrays
+    return digits_text_arrays(args.data_dir)
+
+
+def cmd_train_vae(args):
+    from tfd.t2i_tiny import tiny_vae_config
+    from tfd.train_t2i import train_vae
+    cfg, b = _text_bench(args)
+    images, _, _ = _text_arrays(args)
+    v = b.teacher.vae
+    arch = {**tiny_vae_config(sample_size=b.resolution), **v.arch_overrides}
+    info = train_vae(images, args.out, vae_config=arch, steps=v.steps, batch_size=v.batch_size,
+                     lr=v.lr, kl_weight=v.kl_weight, seed=v.seed, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))}))
+
+
+def cmd_train_t2i_teacher(args):
+    from tfd.train_t2i import train_t2i_teacher
+    cfg, b = _text_bench(args)
+    images, captions, _ = _text_arrays(args)
+    t = b.teacher
+    info = train_t2i_teacher(images, captions, args.vae, args.out, unet_config_overrides=t.arch_overrides,
+                             steps=t.train.steps, batch_size=t.train.batch_size, lr=t.train.lr,
+                             warmup_steps=t.train.warmup_steps, caption_dropout=t.caption_dropout,
+                             ema_halflife_steps=t.train.ema_halflife_steps, seed=t.train.seed,
+                             progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))}))
+
+
+def cmd_train_clip(args):
+    from eval.tiny_clip import train_tiny_clip
+    cfg, b = _text_bench(args)
+    images, captions, labels = _text_arrays(args)
+    c = b.eval.clip_train
+    info = train_tiny_clip(images, captions, args.out_dir, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
+                           seed=c.seed, progress=not args.no_progress, name=b.eval.clip_model, labels=labels,
+                           clip_resize=b.eval.clip_resize)
+    print(json.dumps(info.get("checks", {}), default=str))
 
 
 def cmd_distill(args):
@@ -114,10 +232,11 @@ def cmd_sample(args):
     cfg, b = _cfg(args)
     shard = parse_shard(args.shard)
     device = default_device()
-    sampler = build_sampler(b, args.run, args.teacher, args.generator, device=device)
+    prompts = _prompts(args, b)
+    sampler = build_sampler(b, args.run, args.teacher, args.generator, device=device, prompts=prompts)
     n = args.num if args.num is not None else b.eval.num_samples
     t0 = time.time()
-    arrays = generate(sampler, n, conditions(b), base_seed=b.eval.base_seed,
+    arrays = generate(sampler, n, conditions(b, prompts), base_seed=b.eval.base_seed,
                       batch_size=args.batch_size or b.eval.batch_size, shard=shard, device=device,
                       progress=not args.no_progress)
     save_npz(args.out, arrays)
@@ -135,8 +254,12 @@ def cmd_score(args):
     from eval.score import score_samples
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
+    clip = {"clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
+            "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
+            "clip_model_config": args.clip_model_config or b.eval.clip_model_config}
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
-                        ref_stats_path=args.ref_stats, device=extractor.device)
+                        ref_stats_path=args.ref_stats, device=extractor.device, config=clip,
+                        prompts=_prompts(args, b), resolution=b.eval.resolution)
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
@@ -146,9 +269,9 @@ def _manifest_inputs(args) -> dict:
 
 
 def cmd_table(args):
-    from tfd.tables import write_convergence, write_manifest, write_table1
+    from tfd.tables import write_convergence, write_manifest, write_table
     cfg, b = _cfg(args)
-    df = write_table1(cfg, args.results_dir, args.out)
+    df = write_table(cfg, args.results_dir, args.out, table=args.table)
     if args.convergence:
         write_convergence(cfg, args.results_dir, args.convergence)
     if args.manifest:
@@ -203,6 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the eval.feature_extractor network (digits: from train-feature-net)")
     s.add_argument("--device", default=None,
                    help="where the feature extractor runs (default: cuda if available, else cpu)")
+    s.add_argument("--prompts", default=None,
+                   help="text benchmarks: the prompt table whose real images are the reference")
+    s.add_argument("--images-dir", default=None,
+                   help="text benchmarks: folder of the real images (default: data.images_dir)")
+    s.add_argument("--data-dir", default=None, help="text benchmarks: the embedded data folder (its images/)")
+    s = add("text-data", cmd_text_data, "write the embedded digits-text data (COCO captions json + PNGs)")
+    s.add_argument("--out-dir", required=True)
+    s = add("prompts", cmd_prompts, "build a text benchmark's prompt table (pycocotools subset, or prompts.file)")
+    s.add_argument("--out", required=True, help="prompt table (.jsonl)")
+    s.add_argument("--data-dir", default=None, help="the embedded data folder (captions.json + images/)")
+    s.add_argument("--captions-json", default=None, help="COCO captions json (default: data.captions_json)")
+    s.add_argument("--images-dir", default=None, help="check that every prompt's image is in this folder")
+    s.add_argument("--prompts-file", default=None, help="take this prompt file as given (default: prompts.file)")
+    s = add("train-vae", cmd_train_vae, "train the embedded text benchmark's tiny AutoencoderKL")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--out", required=True, help="output folder (diffusers AutoencoderKL)")
+    s = add("train-t2i-teacher", cmd_train_t2i_teacher,
+            "train the embedded tiny SDXL-topology teacher -> a StableDiffusionXLPipeline folder")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--vae", required=True, help="the trained VAE folder (tfd train-vae)")
+    s.add_argument("--out", required=True, help="output pipeline folder")
+    s = add("train-clip", cmd_train_clip, "train the embedded text benchmark's tiny open_clip model (clip_score)")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--out-dir", required=True)
     s = add("distill", cmd_distill, "train one distillation run (resumes from its checkpoint by default)")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True, help="teacher safetensors (EDM format)")
@@ -220,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", default=None, help="k/n: write shard k of n (zero-based)")
     s.add_argument("--num", type=int, default=None, help="number of samples (default: eval.num_samples)")
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table (results/<bench>/prompts.jsonl)")
     s = add("merge-samples", cmd_merge_samples, "join shard npz files in seed order", config=False)
     s.add_argument("--out", required=True)
     s.add_argument("parts", nargs="+")
@@ -232,7 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", nargs="*", default=None)
     s.add_argument("--device", default=None,
                    help="where the feature extractor and CLIP run (default: cuda if available, else cpu)")
-    s = add("table", cmd_table, "render results/table1.csv from the metric files")
+    s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table the samples were drawn with")
+    s.add_argument("--clip-checkpoint", default=None,
+                   help="clip_score: open_clip checkpoint (default: eval.clip_checkpoint)")
+    s.add_argument("--clip-model-config", default=None,
+                   help="clip_score: open_clip model-config JSON of a custom architecture "
+                        "(default: eval.clip_model_config)")
+    s = add("table", cmd_table, "render results/table1.csv (or table2.csv) from the metric files")
+    s.add_argument("--table", default="table1", choices=["table1", "table2"],
+                   help="which table: table1 (class benchmark rows) or table2 (text benchmark rows)")
     s.add_argument("--results-dir", default="results")
     s.add_argument("--convergence", default=None, help="also write the runs' convergence records to this csv")
     s.add_argument("--out", required=True)

@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-# Rows that need no training: the teacher's Heun sampler and the teacher run once at sigma_max.
-SAMPLER_METHODS = ("heun", "onestep")
+# Rows that need no training: the teacher's Heun sampler, the teacher run once at sigma_max, and a
+# diffusers pipeline with its own scheduler (text-to-image teacher and published checkpoints).
+SAMPLER_METHODS = ("heun", "onestep", "pipeline")
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,9 @@ def _convert(tp, value, where):
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if tp in (dict, list):  # bare `dict` / `list` annotations: any keys and values
+        tp = dict[str, Any] if tp is dict else list[Any]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -111,8 +115,25 @@ def to_dict(obj) -> Any:
 
 @dataclass
 class DataCfg:
-    kind: typing.Literal["digits", "edm_zip"] = "digits"
+    """The real data. Class-conditional: `digits` (sklearn, embedded) or `edm_zip` (EDM's dataset
+    zip at `path`). Text-to-image: `digits_text` (embedded: digits with measured-attribute captions,
+    written by the DAG in COCO format) or `coco` (`captions_json` = COCO-2014's
+    captions_val2014.json, `images_dir` = its val2014/ folder)."""
+    kind: typing.Literal["digits", "edm_zip", "digits_text", "coco"] = "digits"
     path: Optional[str] = None            # edm_zip: EDM dataset zip (dataset.json labels + PNGs)
+    captions_json: Optional[str] = None   # coco: captions_val2014.json (COCO captions format)
+    images_dir: Optional[str] = None      # coco: the val2014/ image folder (the FID reference images)
+
+
+@dataclass
+class PromptsCfg:
+    """The evaluation prompt table of a text-to-image benchmark (`results/<bench>/prompts.jsonl`):
+    built once by rule `prompts` with pycocotools from the captions json (`num_prompts` images
+    drawn with `seed`, one caption each), or `file` taken as given (DMD2's `all_prompts.pkl`, a
+    `.txt` with one caption per line, or our `.jsonl`). Sample i gets prompt row i % num_prompts."""
+    num_prompts: int = 10000
+    seed: int = 0
+    file: Optional[str] = None
 
 
 @dataclass
@@ -128,12 +149,41 @@ class TeacherTrainCfg:
 
 
 @dataclass
+class VaeTrainCfg:
+    """Training of the embedded text-to-image benchmark's tiny `AutoencoderKL` (`tfd train-vae`)."""
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+    arch_overrides: dict[str, Any] = field(default_factory=dict)   # over tfd.t2i_tiny.tiny_vae_config()
+
+
+@dataclass
 class TeacherCfg:
-    kind: typing.Literal["train", "edm"] = "train"
+    """The teacher. `train`: the embedded EDM teacher trained by the DAG; `edm`: EDM's checkpoint
+    (`checkpoint`: its .pkl or the safetensors of `tfd convert-edm`); `diffusers`: a local
+    StableDiffusionXLPipeline folder (`checkpoint`: the folder, e.g. SDXL base 1.0), wrapped as an
+    EDM-style denoiser (`tfd.diffusers_denoiser`); `train_t2i`: the embedded text-to-image teacher
+    (a tiny SDXL-topology UNet in a tiny VAE's latent space) trained by the DAG."""
+    kind: typing.Literal["train", "edm", "diffusers", "train_t2i"] = "train"
     arch: str = "digits"                   # preset for kind=train ("digits")
-    arch_overrides: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Optional[str] = None       # kind=edm: safetensors from `tfd convert-edm`
+    arch_overrides: dict[str, Any] = field(default_factory=dict)   # train: EDM arch; train_t2i: UNet config
+    checkpoint: Optional[str] = None       # edm: safetensors / .pkl; diffusers: the pipeline folder
+    precision: typing.Literal["fp32", "bf16"] = "fp32"   # diffusers/train_t2i: the frozen UNet's weights
+    caption_dropout: float = 0.1           # train_t2i: share of captions replaced by the zero embedding (CFG)
     train: TeacherTrainCfg = field(default_factory=TeacherTrainCfg)
+    vae: VaeTrainCfg = field(default_factory=VaeTrainCfg)           # train_t2i only
+
+
+@dataclass
+class ClipTrainCfg:
+    """The tiny open_clip model of an embedded text benchmark's clip_score (`tfd train-clip`,
+    `eval.tiny_clip.train_tiny_clip`)."""
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
 
 
 @dataclass
@@ -143,13 +193,21 @@ class EvalCfg:
     base_seed: int = 0
     batch_size: int = 250
     shards: int = 1
-    feature_extractor: typing.Literal["digits", "inception"] = "digits"   # the FID feature network's kind
+    feature_extractor: typing.Literal["digits", "inception", "clean-fid"] = "digits"   # the FID feature network
     metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim",
                                                         "class_acc"])   # names from eval.metrics.METRICS
     ref_stats: Optional[str] = None                      # None: computed by the DAG from the data
     feature_extractor_weights_path: Optional[str] = None  # its weights (inception: torch-fidelity's file)
     fid_thresholds: list[float] = field(default_factory=list)  # table: iterations to reach each FID (Fig. 2)
     convergence_samples: int = 500                       # samples per point of a convergence record (train.eval_every)
+    # text-to-image (DMD2's COCO protocol): generated and real images centre-cropped and LANCZOS-resized
+    # to `resolution` before FID (None: as generated); CLIP score with open_clip from a local checkpoint
+    resolution: Optional[int] = None
+    clip_model: str = "ViT-g-14"
+    clip_checkpoint: Optional[str] = None                # None on an embedded benchmark: the DAG trains one
+    clip_model_config: Optional[str] = None              # open_clip model-config JSON of a custom architecture
+    clip_resize: int = 256
+    clip_train: ClipTrainCfg = field(default_factory=ClipTrainCfg)   # embedded benchmark: its tiny CLIP
 
 
 @dataclass
@@ -172,14 +230,16 @@ class TrainCfg:
 
 @dataclass
 class RunCfg:
-    """One row of the table: a teacher sampler (`method: heun` / `onestep`) or a distillation run.
+    """One row of the table: a teacher sampler (`method: heun` / `onestep` / `pipeline`) or a
+    distillation run.
 
     Typed once, when the config is loaded (`resolve`): `train` becomes a `TrainCfg`, `params` the
-    method's own `Params` dataclass, `sampler` a `tfd.sampling.HeunCfg` (heun rows); the blocks a
+    method's own `Params` dataclass, `sampler` a `tfd.sampling.HeunCfg` (heun rows) or a
+    `tfd.pipeline_sampler.PipelineCfg` (pipeline rows: diffusers' own pipeline); the blocks a
     row does not use are None. Every default lives in those dataclasses only."""
     method: str
     nfe: Optional[int] = None
-    sampler: Any = None                   # heun: steps, S_churn, ... (tfd.sampling.HeunCfg)
+    sampler: Any = None                   # heun: HeunCfg (steps, S_churn, ...); pipeline: PipelineCfg
     train: Any = None                     # overrides of TrainCfg (training runs)
     params: Any = None                    # method hyperparameters (the method's Params dataclass)
     label: Optional[str] = None                              # row label in the tables
@@ -211,8 +271,12 @@ class RunCfg:
                               f"(known: {', '.join(sorted(SAMPLER_METHODS) + sorted(METHODS))})")
         problems, typed = [], {}
         trains = params_cls is not None
-        for name, cls, used in (("sampler", HeunCfg, self.method == "heun"), ("train", TrainCfg, trains),
-                                ("params", params_cls, trains)):
+        if self.method == "pipeline":
+            from tfd.pipeline_sampler import PipelineCfg as sampler_cls
+        else:
+            sampler_cls = HeunCfg
+        for name, cls, used in (("sampler", sampler_cls, self.method in ("heun", "pipeline")),
+                                ("train", TrainCfg, trains), ("params", params_cls, trains)):
             try:
                 typed[name] = block(name, cls, used)
             except ConfigError as e:
@@ -221,6 +285,13 @@ class RunCfg:
             raise ConfigError("\n  - ".join(problems))
         self.sampler, self.train, self.params = typed["sampler"], typed["train"], typed["params"]
         return self
+
+    @property
+    def missing_weights(self) -> bool:
+        """A published-checkpoint pipeline row (`sampler.published`) whose weights are not given
+        (`sampler.pipeline` and `sampler.unet` unset): Table 2 shows its paper numbers only."""
+        s = self.sampler
+        return self.method == "pipeline" and bool(getattr(s, "published", False)) and not (s.pipeline or s.unet)
 
     @property
     def trains(self) -> bool:
@@ -305,7 +376,10 @@ def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> l
 
 @dataclass
 class BenchmarkCfg:
+    """One benchmark: `task` class (class-conditional, Table 1) or text (text-to-image, Table 2)."""
+    task: typing.Literal["class", "text"] = "class"
     data: DataCfg = field(default_factory=DataCfg)
+    prompts: PromptsCfg = field(default_factory=PromptsCfg)
     num_classes: int = 10
     resolution: int = 8
     channels: int = 1
@@ -313,6 +387,7 @@ class BenchmarkCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     runs: dict[str, RunCfg] = field(default_factory=dict)
     table1: list[str] = field(default_factory=list)         # run names, in table order
+    table2: list[str] = field(default_factory=list)         # text benchmarks: Table 2's rows
     ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
 
     def __post_init__(self):
@@ -330,8 +405,16 @@ class BenchmarkCfg:
 
 @dataclass
 class Config:
+    """`benchmark`: the class-conditional benchmark of Table 1 (and the default of every `tfd`
+    command); `text_benchmark`: the text-to-image benchmark of Table 2 (None: none)."""
     benchmark: str = "digits"
+    text_benchmark: Optional[str] = None
     benchmarks: dict[str, BenchmarkCfg] = field(default_factory=dict)
+
+    @property
+    def active(self) -> list[str]:
+        """The benchmarks the workflow builds: `benchmark` and `text_benchmark` (when set)."""
+        return list(dict.fromkeys([self.benchmark] + ([self.text_benchmark] if self.text_benchmark else [])))
 
     def bench(self, name: Optional[str] = None) -> BenchmarkCfg:
         name = name or self.benchmark
@@ -340,31 +423,106 @@ class Config:
         return self.benchmarks[name]
 
 
-def check(cfg: Config) -> Config:
-    """Cross-field checks that a schema cannot express, for the active benchmark; every problem
-    is listed in one ConfigError (e.g. all the paths a paper-protocol user still has to fill in)."""
-    name = cfg.benchmark
-    b = cfg.bench(name)
-    w = f"benchmarks.{name}"
+def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[str]]:
+    """The user-supplied input files/folders of benchmark `name` (default: every active one), as
+    {config key: path or None}: what a site file fills in and `check(..., files=True)` verifies."""
+    out: dict[str, Optional[str]] = {}
+    for n in ([name] if name else cfg.active):
+        b, w = cfg.bench(n), f"benchmarks.{n}"
+        out.update({f"{w}.teacher.checkpoint": b.teacher.checkpoint, f"{w}.data.path": b.data.path,
+                    f"{w}.data.captions_json": b.data.captions_json, f"{w}.data.images_dir": b.data.images_dir,
+                    f"{w}.prompts.file": b.prompts.file, f"{w}.eval.ref_stats": b.eval.ref_stats,
+                    f"{w}.eval.feature_extractor_weights_path": b.eval.feature_extractor_weights_path,
+                    f"{w}.eval.clip_checkpoint": b.eval.clip_checkpoint,
+                    f"{w}.eval.clip_model_config": b.eval.clip_model_config})
+        for r, run in b.runs.items():
+            if run.method == "pipeline":
+                out.update({f"{w}.runs.{r}.sampler.pipeline": run.sampler.pipeline,
+                            f"{w}.runs.{r}.sampler.unet": run.sampler.unet})
+    return out
+
+
+def _check_bench(cfg: Config, name: str) -> list[str]:
+    b, w = cfg.bench(name), f"benchmarks.{name}"
     problems = []
-    if b.teacher.kind == "edm" and not b.teacher.checkpoint:
-        problems.append(f"{w}.teacher.checkpoint: required for teacher.kind 'edm' (edm-imagenet-64x64-cond-adm.pkl, "
-                        "or the safetensors `tfd convert-edm` makes from it)")
-    if b.data.kind == "edm_zip" and not b.data.path:
-        problems.append(f"{w}.data.path: required for data.kind 'edm_zip' "
-                        "(EDM dataset zip made by EDM's dataset_tool.py)")
-    if b.eval.feature_extractor == "inception" and not b.eval.feature_extractor_weights_path:
-        problems.append(f"{w}.eval.feature_extractor_weights_path: required for feature_extractor 'inception' "
-                        "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+
+    def need(key: str, value, why: str):
+        if not value:
+            problems.append(f"{w}.{key}: required {why}")
+
+    text = b.task == "text"
+    data_kinds, teacher_kinds = (("digits_text", "coco"), ("diffusers", "train_t2i")) if text else \
+        (("digits", "edm_zip"), ("train", "edm"))
+    if b.data.kind not in data_kinds:
+        problems.append(f"{w}.data.kind: {b.data.kind!r} is not a {b.task} benchmark's data "
+                        f"(use one of {list(data_kinds)}, or set {w}.task)")
+    if b.teacher.kind not in teacher_kinds:
+        problems.append(f"{w}.teacher.kind: {b.teacher.kind!r} is not a {b.task} benchmark's teacher "
+                        f"(use one of {list(teacher_kinds)})")
+    if b.teacher.kind == "edm":
+        need("teacher.checkpoint", b.teacher.checkpoint, "for teacher.kind 'edm' (edm-imagenet-64x64-cond-adm.pkl, "
+             "or the safetensors `tfd convert-edm` makes from it)")
+    if b.teacher.kind == "diffusers":
+        need("teacher.checkpoint", b.teacher.checkpoint, "for teacher.kind 'diffusers' (a local "
+             "StableDiffusionXLPipeline folder, e.g. stable-diffusion-xl-base-1.0)")
+    if b.teacher.kind == "train_t2i" and b.data.kind != "digits_text":
+        problems.append(f"{w}.teacher.kind: 'train_t2i' trains the embedded teacher on data.kind 'digits_text'")
+    if b.data.kind == "edm_zip":
+        need("data.path", b.data.path, "for data.kind 'edm_zip' (EDM dataset zip made by EDM's dataset_tool.py)")
+    if b.data.kind == "coco":
+        if not b.prompts.file:
+            need("data.captions_json", b.data.captions_json, "for data.kind 'coco' (COCO-2014 captions_val2014.json; "
+                 "or set prompts.file to DMD2's all_prompts.pkl)")
+        if not b.eval.ref_stats:
+            need("data.images_dir", b.data.images_dir, "for data.kind 'coco' (the COCO-2014 val2014/ folder: the "
+                 "FID reference images; or set eval.ref_stats)")
+    if b.eval.feature_extractor in ("inception", "clean-fid"):
+        file = ("torch-fidelity's weights-inception-2015-12-05-6726825d.pth" if b.eval.feature_extractor == "inception"
+                else "clean-fid's inception-2015-12-05.pt")
+        need("eval.feature_extractor_weights_path", b.eval.feature_extractor_weights_path,
+             f"for feature_extractor {b.eval.feature_extractor!r} ({file})")
+    if "clip_score" in b.eval.metrics:
+        if not text:
+            problems.append(f"{w}.eval.metrics: clip_score needs captions (a text benchmark)")
+        elif b.data.kind == "coco":
+            need("eval.clip_checkpoint", b.eval.clip_checkpoint, "for clip_score (open_clip ViT-g-14 "
+                 "laion2b_s12b_b42k weights, open_clip_pytorch_model.bin)")
     from eval.metrics import check_metric_names  # the metric registry: unknown or inapplicable names
     problems += [f"{w}.eval.metrics: {p}" for p in check_metric_names(b.eval.metrics, b.eval.feature_extractor)]
-    for r in b.table1:
-        if r not in b.runs:
-            problems.append(f"{w}.table1: run {r!r} is not defined in {w}.runs")
+    for table in ("table1", "table2"):
+        for r in getattr(b, table):
+            if r not in b.runs:
+                problems.append(f"{w}.{table}: run {r!r} is not defined in {w}.runs")
+    if b.table2 and not text:
+        problems.append(f"{w}.table2: only a text benchmark (task: text) has Table 2 rows")
+    for r, run in b.runs.items():
+        if run.method == "pipeline" and not text:
+            problems.append(f"{w}.runs.{r}.method: 'pipeline' rows need a text benchmark (a diffusers teacher)")
     for aname, abl in b.ablations.items():
         for bud in abl.budgets:
             if bud < 0:
                 problems.append(f"{w}.ablations.{aname}.budgets: {bud} is negative")
+    return problems
+
+
+def check(cfg: Config, files: bool = False) -> Config:
+    """Cross-field checks that a schema cannot express, for the active benchmarks (`benchmark` and
+    `text_benchmark`); every problem is listed in one ConfigError (e.g. all the paths a
+    paper-protocol user still has to fill in). `files`: also that every configured input path
+    (`input_paths`) exists (`tfd check-config` and the workflow's parse-time check)."""
+    problems = []
+    if cfg.text_benchmark is not None:
+        if cfg.text_benchmark not in cfg.benchmarks:
+            raise ConfigError(f"text_benchmark: {cfg.text_benchmark!r} is not defined "
+                              f"(defined: {sorted(cfg.benchmarks)})")
+        if cfg.benchmarks[cfg.text_benchmark].task != "text":
+            problems.append(f"text_benchmark: {cfg.text_benchmark!r} is not a text benchmark (its task is "
+                            f"{cfg.benchmarks[cfg.text_benchmark].task!r})")
+    for name in cfg.active:
+        problems += _check_bench(cfg, name)
+    if files:
+        problems += [f"{k}: no such file or folder: {v}" for k, v in input_paths(cfg).items()
+                     if v and not Path(v).exists()]
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else
                           f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))

@@ -246,6 +246,7 @@ def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Deno
                 if what == "teacher" else "it is written by `tfd distill`")
         raise FileNotFoundError(f"{what} checkpoint not found: {path} ({hint})")
     fmt = read_safetensors_metadata(path).get("format")
+    import tfd.diffusers_denoiser  # noqa: F401  (registers "tfd.diffusers_unet.v1"; lazy: it imports this module)
     if fmt not in DENOISER_FORMATS:
         raise ValueError(f"{what} {path}: unknown denoiser format {fmt!r} "
                          f"(known: {', '.join(sorted(DENOISER_FORMATS))})")

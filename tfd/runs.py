@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from eval.conditions import ClassConditions
+from eval.conditions import ClassConditions, PromptTable, load_prompt_table
 from tfd.config import BenchmarkCfg, ConfigError
 from tfd.data import ClassBalancedSampler, digits_arrays, load_edm_zip
 from tfd.denoiser import Denoiser, load_denoiser
@@ -21,17 +21,39 @@ def load_data(b: BenchmarkCfg) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def conditions(b: BenchmarkCfg) -> ClassConditions:
-    """The benchmark's condition list (sample i of an evaluation gets `conditions[i % len]`)."""
-    return ClassConditions(b.num_classes)
+def conditions(b: BenchmarkCfg, prompts: str | Path | PromptTable | None = None) -> ClassConditions | PromptTable:
+    """The benchmark's condition list (sample i of an evaluation gets `conditions[i % len]`): its
+    classes, or for a text benchmark the prompt table `prompts` (a file made by `tfd prompts`, or
+    a table). ConfigError when a text benchmark is given no prompt table."""
+    if b.task != "text":
+        return ClassConditions(b.num_classes)
+    if prompts is None:
+        raise ConfigError("a text-to-image benchmark needs its prompt table: pass --prompts FILE "
+                          "(results/<bench>/prompts.jsonl, made by `tfd prompts` / rule prompts)")
+    return prompts if isinstance(prompts, PromptTable) else load_prompt_table(prompts)
+
+
+def load_teacher(b: BenchmarkCfg, path: str | Path, device="cpu", prompts: PromptTable | None = None) -> Denoiser:
+    """The benchmark's frozen teacher as a `Denoiser`: an EDM-format file, or for a text benchmark
+    a local diffusers StableDiffusionXLPipeline folder (`tfd.diffusers_denoiser`, UNet weights in
+    `teacher.precision`) with the prompt table bound to its condition ids."""
+    if b.task != "text":
+        return load_denoiser(path, device)
+    from tfd.diffusers_denoiser import load_diffusers_denoiser
+    dtype = torch.bfloat16 if b.teacher.precision == "bf16" else torch.float32
+    return load_diffusers_denoiser(path, prompts=prompts, device=device, dtype=dtype)
 
 
 def run_nfe(b: BenchmarkCfg, run_name: str) -> int:
-    """Network evaluations per sample of a row: `runs.<run>.nfe`, the Heun sampler's, or 1."""
+    """Network evaluations per sample of a row (the paper's FP: a guided step counts two forward
+    passes): `runs.<run>.nfe`, the Heun or pipeline sampler's, or 1."""
     run = b.runs[run_name]
     if run.nfe is not None:
         return run.nfe
-    return run.sampler.nfe if run.method == "heun" else 1
+    if run.method == "heun":
+        guided = run.sampler.guidance not in (None, 1)
+        return run.sampler.nfe * (2 if guided else 1)
+    return run.sampler.nfe if run.method == "pipeline" else 1
 
 
 def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0):
@@ -40,6 +62,9 @@ def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu"
     from tfd.methods import get_method
 
     run = b.runs[run_name]
+    if b.task == "text":
+        raise ConfigError(f"run {run_name!r}: distillation on a text-to-image benchmark needs the teacher-positive "
+                          "stage, which is not built yet (issue 13); its sampler rows (pipeline, heun, onestep) work")
     x, y = load_data(b)
     data = ClassBalancedSampler(x.to(device), y.to(device),
                                 torch.Generator(device="cpu").manual_seed(seed * 1000 + dist.get_rank()),
@@ -51,15 +76,21 @@ def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu"
 
 
 def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, generator_path: str | Path | None,
-                  device="cpu"):
-    """`sampler(cond, rnd)` for a table row: the teacher's Heun sampler or a trained generator."""
+                  device="cpu", prompts: PromptTable | None = None):
+    """`sampler(cond, rnd)` for a table row: the teacher's Heun sampler, the teacher once at
+    sigma_max, diffusers' own pipeline (text benchmarks: teacher and published rows) or a trained
+    generator. `prompts`: the prompt table of a text benchmark."""
     run = b.runs.get(run_name)
     if run is None:
         raise ConfigError(f"run {run_name!r} is not defined (defined: {sorted(b.runs)})")
+    if run.method == "pipeline":
+        from tfd.pipeline_sampler import pipeline_sampler
+        return pipeline_sampler(teacher_path, run.sampler, prompts, device=device,
+                                resolution=run.sampler.resolution or b.resolution)
     if run.method == "heun":
-        return heun_sampler(load_denoiser(teacher_path, device), run.sampler)
+        return heun_sampler(load_teacher(b, teacher_path, device, prompts), run.sampler)
     if run.method == "onestep":  # the initial one-step generator: the teacher once at sigma_max
-        return one_step_sampler(load_denoiser(teacher_path, device))
+        return one_step_sampler(load_teacher(b, teacher_path, device, prompts))
     if generator_path is None:
         raise ValueError(f"run {run_name!r} ({run.method}) needs --generator (its exported generator)")
     from tfd.methods import get_method

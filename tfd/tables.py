@@ -22,6 +22,8 @@ def collect_row(cfg: Config, results_dir, run_name: str) -> dict:
     run = b.runs[run_name]
     d = run_dir(results_dir, cfg.benchmark, run.method, run_name)
     row = {"run": run_name, "method": run.label or run.method, "nfe": run_nfe(b, run_name)}
+    if run.missing_weights:
+        row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
     for metric in b.eval.metrics:
         f = d / "metrics" / f"{metric}.json"
         row[metric] = json.loads(f.read_text())["value"] if f.is_file() else None
@@ -91,12 +93,22 @@ def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
                       + df.to_html(index=False, na_rep="", border=0) + "\n")
 
 
-def write_table1(cfg: Config, results_dir, out) -> pd.DataFrame:
+def write_table(cfg: Config, results_dir, out, table: str = "table1") -> pd.DataFrame:
+    """`results/table1.csv` or `table2.csv` (+ `.md`, `.html`): one row per run of the benchmark's
+    `table1`/`table2` list (table1 default: every run) with its metrics, NFE and training cost;
+    the paper's numbers in `paper_*` columns. ValueError for a table the benchmark does not have."""
     b = cfg.bench()
-    df = pd.DataFrame([collect_row(cfg, results_dir, r) for r in (b.table1 or list(b.runs))])
+    rows = getattr(b, table) or (list(b.runs) if table == "table1" else [])
+    if not rows:
+        raise ValueError(f"benchmark {cfg.benchmark!r} has no {table} rows (benchmarks.{cfg.benchmark}.{table})")
+    df = pd.DataFrame([collect_row(cfg, results_dir, r) for r in rows])
     note = (f"Benchmark `{cfg.benchmark}`. Measured by this suite"
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
+    if b.task == "text":
+        note += (" `nfe`: UNet forward passes per image, a classifier-free-guided step counting two (the paper's FP). "
+                 f"Image i gets prompt i % {b.prompts.num_prompts} and seed base + i, whatever the batch size or "
+                 "number of shards (DMD2 seeds per batch).")
     _write_csv_md(df, out, note)
     return df
 

@@ -10,7 +10,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from eval.io import atomic_write_text
-from tfd.config import Config, ConfigError, check, from_dict
+from tfd.config import Config, ConfigError, check, from_dict, input_paths
 
 SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working directory (a copy of "
              "workflow/site.example.yaml; the slurm profile loads it), or pass --configfile FILE.")
@@ -18,37 +18,36 @@ SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working direct
 
 def _typed_config(checked: bool) -> Config:
     """The typed config (one load). `checked`: also the CLI's checks (missing paths, unknown
-    methods, metric names, ...) and that every configured input file exists, before any job: one
-    message naming the config keys."""
-    b, w = config["benchmarks"].get(config["benchmark"], {}), f"benchmarks.{config['benchmark']}"
-    files = {f"{w}.teacher.checkpoint": b.get("teacher", {}).get("checkpoint"),
-             f"{w}.data.path": b.get("data", {}).get("path"),
-             f"{w}.eval.ref_stats": b.get("eval", {}).get("ref_stats"),
-             f"{w}.eval.feature_extractor_weights_path": b.get("eval", {}).get("feature_extractor_weights_path")}
+    methods, metric names, ...) and that every configured input file exists (`tfd.config.check`
+    with files=True, the code `tfd check-config` runs), before any job: one message naming every
+    config key to fix."""
     try:
         typed = from_dict(Config, config, "config")
-        if not checked:
-            return typed
-        check(typed)
+        if checked:
+            check(typed, files=True)
     except ConfigError as e:
-        hint = f"\n{SITE_HINT}" if any(k in str(e) for k in files) else ""
+        keys = input_paths(typed) if "typed" in locals() else {}
+        hint = f"\n{SITE_HINT}" if any(k in str(e) for k in keys) else ""
         raise WorkflowError(f"invalid configuration: {e}{hint}") from None
-    gone = [f"  - {k}: no such file: {v}" for k, v in files.items() if v and not Path(v).is_file()]
-    if gone:
-        raise WorkflowError("configured files not found:\n" + "\n".join(gone) + f"\n{SITE_HINT}")
     return typed
 
 
-BENCH = config["benchmark"]
-# The typed config, resolved once (tfd.config): every run's train/params/sampler block is a
+CFG = _typed_config(checked=workflow.is_main_process)  # jobs re-parse: the main process checked
+# Every active benchmark, typed once (tfd.config): each run's train/params/sampler block is a
 # dataclass with its defaults, and the ablation sweeps are expanded into runs, as the CLI sees them.
-BENCH_CFG = _typed_config(checked=workflow.is_main_process).bench(BENCH)  # jobs re-parse: the main process checked
+BENCHES = {name: CFG.bench(name) for name in CFG.active}
+# The class-conditional benchmark of Table 1 (its sweeps and figures) ...
+BENCH = CFG.benchmark
+BENCH_CFG = BENCHES[BENCH]
 RUNS = BENCH_CFG.runs
 ABLATIONS = BENCH_CFG.ablations
 EVAL_CFG = BENCH_CFG.eval
 METRICS = EVAL_CFG.metrics
-BENCH_DIR = f"results/{BENCH}"          # every artifact of the active benchmark lives below this
+BENCH_DIR = f"results/{BENCH}"          # every artifact of a benchmark lives below results/<bench>/
 FIGURES_DIR = "results/figures"
+# ... and the text-to-image benchmark of Table 2 (None: not built).
+TEXT_BENCH = CFG.text_benchmark
+TEXT_CFG = BENCHES.get(TEXT_BENCH)
 
 
 def _resolved_config_file():
@@ -67,59 +66,143 @@ CONFIG_FILE = _resolved_config_file()
 # ----------------------------------------------------------------------------------------------
 # Paths and input functions (every rule file uses these; Snakemake's linter wants them here).
 
-def run_dir(run):
-    return f"{BENCH_DIR}/{RUNS[run].method}/{run}"
+def run_dir(run, bench=None):
+    bench = bench or BENCH
+    return f"results/{bench}/{BENCHES[bench].runs[run].method}/{run}"
 
 
 def run_spec(wildcards):
     """The run's resolved config block as a param: editing it reruns that run only."""
-    return json.dumps(dataclasses.asdict(RUNS[wildcards.run]), sort_keys=True, default=str)
+    return json.dumps(dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run]), sort_keys=True, default=str)
 
 
-def teacher_spec():
-    """The teacher block as a param of the rule that trains it."""
-    return json.dumps(dataclasses.asdict(BENCH_CFG.teacher), sort_keys=True, default=str)
+TEACHER_KEYS = {"train": ("arch", "arch_overrides", "train"),
+                "train_t2i": ("arch_overrides", "caption_dropout", "train", "vae")}
 
 
-def teacher_file():
-    t = BENCH_CFG.teacher
+def teacher_spec(bench):
+    """The settings of the teacher block that shape the trained teacher, as a param of the rule that
+    trains it: editing one reruns it (and what depends on it), editing another key does not."""
+    t = dataclasses.asdict(BENCHES[bench].teacher)
+    return json.dumps({k: t[k] for k in TEACHER_KEYS.get(t["kind"], t)}, sort_keys=True, default=str)
+
+
+def teacher_file(bench=None):
+    """The teacher the runs of `bench` use: trained or converted by the DAG, or the configured file/folder."""
+    bench = bench or BENCH
+    t = BENCHES[bench].teacher
     if t.kind == "train" or str(t.checkpoint or "").endswith(".pkl"):
-        return f"{BENCH_DIR}/teacher/teacher.safetensors"  # trained, or converted by rule convert_edm
+        return f"results/{bench}/teacher/teacher.safetensors"  # trained, or converted by rule convert_edm
+    if t.kind == "train_t2i":
+        return f"results/{bench}/teacher/pipeline"  # a diffusers folder, rule train_t2i_teacher
     return t.checkpoint
 
 
-def feature_weights_file():
+def bench_teacher(wildcards):
+    return teacher_file(wildcards.bench)
+
+
+def feature_weights_file(bench=None):
     """The FID feature network's weights when the DAG builds them (the digits network), else []."""
-    return f"{BENCH_DIR}/feature_net/digits_net.safetensors" if EVAL_CFG.feature_extractor == "digits" else []
+    bench = bench or BENCH
+    return f"results/{bench}/feature_net/digits_net.safetensors" if BENCHES[bench].eval.feature_extractor == "digits" \
+        else []
 
 
-def ref_stats_file():
-    return EVAL_CFG.ref_stats or f"{BENCH_DIR}/ref_stats.npz"
+def ref_stats_file(bench=None):
+    bench = bench or BENCH
+    return BENCHES[bench].eval.ref_stats or f"results/{bench}/ref_stats.npz"
+
+
+def prompts_file(bench):
+    """A text benchmark's prompt table (rule prompts), else []."""
+    return f"results/{bench}/prompts.jsonl" if BENCHES[bench].task == "text" else []
+
+
+def text_data(bench, images: bool = True, captions: bool = True):
+    """A text benchmark's data as named inputs: the embedded folder written by rule text_data
+    (`data`: captions.json + images/, CLI --data-dir), or the site's `captions` json and `images`
+    folder (CLI --captions-json, --images-dir), each only when asked for and configured."""
+    b = BENCHES[bench]
+    if b.data.kind == "digits_text":
+        return {"data": f"results/{bench}/data"}
+    return {k: v for k, v, want in (("captions", b.data.captions_json, captions), ("images", b.data.images_dir, images))
+            if v and want}
+
+
+def prompts_inputs(bench):
+    """What rule prompts reads: the given prompt file, or the captions json (and the images, checked to exist)."""
+    b = BENCHES[bench]
+    if b.prompts.file:
+        return {"file": b.prompts.file}
+    return text_data(bench, images=not b.eval.ref_stats)
+
+
+def clip_files(bench):
+    """The CLIP model of clip_score: trained by the DAG on an embedded benchmark (rule train_clip), else the
+    configured checkpoint (+ model config)."""
+    b = BENCHES[bench]
+    if b.task != "text" or "clip_score" not in b.eval.metrics:
+        return {}
+    if b.data.kind == "digits_text" and not b.eval.clip_checkpoint:
+        stem = f"results/{bench}/clip/{b.eval.clip_model}"  # eval.tiny_clip's file names
+        return {"clip": f"{stem}.safetensors", "clip_config": f"{stem}.json"}
+    return {k: v for k, v in (("clip", b.eval.clip_checkpoint), ("clip_config", b.eval.clip_model_config)) if v}
 
 
 def generator_input(wildcards):
-    if not RUNS[wildcards.run].trains:
+    if not BENCHES[wildcards.bench].runs[wildcards.run].trains:
         return []
-    return f"{run_dir(wildcards.run)}/generator.safetensors"
+    return f"{run_dir(wildcards.run, wildcards.bench)}/generator.safetensors"
 
 
 def shard_files(wildcards):
     """The `eval.shards` sample shards of a run, merged in seed order by merge_samples."""
-    n = EVAL_CFG.shards
-    return [f"{run_dir(wildcards.run)}/samples/shard{k}of{n}.npz" for k in range(n)]
+    n = BENCHES[wildcards.bench].eval.shards
+    return [f"{run_dir(wildcards.run, wildcards.bench)}/samples/shard{k}of{n}.npz" for k in range(n)]
+
+
+def sample_inputs(wildcards):
+    """What sample_shard reads: the teacher, the run's generator, and a text benchmark's prompt table."""
+    b = wildcards.bench
+    return {"teacher": teacher_file(b), "generator": generator_input(wildcards), "prompts": prompts_file(b)}
+
+
+def score_inputs(wildcards):
+    """What score reads: samples, reference statistics, feature weights, prompt table and CLIP model."""
+    b = wildcards.bench
+    return {"samples": f"{run_dir(wildcards.run, b)}/samples.npz", "ref": ref_stats_file(b),
+            "fweights": feature_weights_file(b), "prompts": prompts_file(b), **clip_files(b)}
+
+
+def input_flags(wildcards, input):
+    """CLI flags for the optional inputs a rule was given (named inputs that are present)."""
+    flags = {"generator": "--generator", "prompts": "--prompts", "fweights": "--feature-weights",
+             "clip": "--clip-checkpoint", "clip_config": "--clip-model-config", "ref": "--ref-stats",
+             "images": "--images-dir", "captions": "--captions-json", "data": "--data-dir", "file": "--prompts-file"}
+    return " ".join(f"{flag} {input[k]}" for k, flag in flags.items() if k in input.keys() and input[k])
+
+
+def ref_stats_inputs(wildcards):
+    """What ref_stats reads: the feature weights, and for a text benchmark its prompt table and real images."""
+    b = wildcards.bench
+    if BENCHES[b].task != "text":
+        return {"fweights": feature_weights_file(b)}
+    return {"fweights": feature_weights_file(b), "prompts": prompts_file(b), **text_data(b, captions=False)}
 
 
 def convergence_inputs(wildcards):
     """The feature weights and reference statistics, only for runs that keep a convergence record."""
-    run = RUNS[wildcards.run]
+    run = BENCHES[wildcards.bench].runs[wildcards.run]
     if not (run.trains and run.train.eval_every):
         return {}
-    fweights = feature_weights_file()
-    return {"ref": ref_stats_file(), **({"fweights": fweights} if fweights else {})}
+    fweights = feature_weights_file(wildcards.bench)
+    return {"ref": ref_stats_file(wildcards.bench), **({"fweights": fweights} if fweights else {})}
 
 
-def metric_files(run):
-    return [f"{run_dir(run)}/metrics/{m}.json" for m in METRICS]
+def metric_files(run, bench=None):
+    bench = bench or BENCH
+    return [f"{run_dir(run, bench)}/metrics/{m}.json" for m in BENCHES[bench].eval.metrics]
 
 
 def table1_runs():
@@ -130,10 +213,16 @@ def ablation_runs(name):
     return list(dict.fromkeys(run for _, run in ABLATIONS[name].variants))
 
 
-def run_outputs(runs):
+def table2_runs():
+    """Table 2's rows that are scored: a published row whose weights are not given shows the paper's numbers only."""
+    return [r for r in TEXT_CFG.table2 if not TEXT_CFG.runs[r].missing_weights] if TEXT_CFG else []
+
+
+def run_outputs(runs, bench=None):
     """A table's inputs: each run's metric files and, for training runs, train.json."""
-    return ([f for r in runs for f in metric_files(r)]
-            + [f"{run_dir(r)}/train.json" for r in runs if RUNS[r].trains])
+    bench = bench or BENCH
+    return ([f for r in runs for f in metric_files(r, bench)]
+            + [f"{run_dir(r, bench)}/train.json" for r in runs if BENCHES[bench].runs[r].trains])
 
 
 def manifest_inputs(wildcards, input):
@@ -176,8 +265,9 @@ def published_inputs(wildcards):
 
 
 wildcard_constraints:
-    method="|".join(sorted({re.escape(r.method) for r in RUNS.values()})),
-    run="|".join(sorted(map(re.escape, RUNS))),
+    bench="|".join(sorted(map(re.escape, BENCHES))),
+    method="|".join(sorted({re.escape(r.method) for b in BENCHES.values() for r in b.runs.values()})),
+    run="|".join(sorted({re.escape(r) for b in BENCHES.values() for r in b.runs})),
     ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
     k=r"\d+",
     n=r"\d+",

@@ -4,13 +4,13 @@
 rule distill:
     input:
         unpack(convergence_inputs),
-        teacher=teacher_file(),
+        teacher=bench_teacher,
     output:
-        generator=f"{BENCH_DIR}/{{method}}/{{run}}/generator.safetensors",
-        info=f"{BENCH_DIR}/{{method}}/{{run}}/train.json",
+        generator="results/{bench}/{method}/{run}/generator.safetensors",
+        info="results/{bench}/{method}/{run}/train.json",
     params:
         spec=run_spec,
-        outdir=lambda wc: run_dir(wc.run),
+        outdir=lambda wc: run_dir(wc.run, wc.bench),
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
                                         for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"))
                                         if k in input.keys()),
@@ -18,10 +18,10 @@ rule distill:
         launch=lambda wc, resources: (f"torchrun --standalone --nproc-per-node {resources.gpu} -m tfd.cli --"
                                       if int(resources.get("gpu", 0)) > 1 else "tfd"),
     log:
-        f"logs/{BENCH}/distill_{{method}}_{{run}}.log",
+        "logs/{bench}/distill_{method}_{run}.log",
     threads: 1
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} distill --config {CONFIG_FILE} --no-progress --run {wildcards.run} "
+        "OMP_NUM_THREADS={threads} {params.launch} distill --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress --run {wildcards.run} "
         "--teacher {input.teacher} --out-dir {params.outdir} {params.conv} > {log} 2>&1"

@@ -1,20 +1,22 @@
-# Sampling (per-image seeds, class-balanced, sharded, merged) and scoring (one JSON per metric).
+# Sampling (per-image seeds and conditions, sharded, merged) and scoring (one JSON per metric), for
+# every active benchmark: results/<bench>/<method>/<run>/. A text benchmark's rows read its prompt
+# table (image i <-> prompt i % len <-> seed base + i) and its CLIP model.
 
 rule sample_shard:
     input:
-        teacher=teacher_file(),
-        generator=generator_input,
+        unpack(sample_inputs),
     output:
-        temp(f"{BENCH_DIR}/{{method}}/{{run}}/samples/shard{{k}}of{{n}}.npz"),
+        temp("results/{bench}/{method}/{run}/samples/shard{k}of{n}.npz"),
     params:
         spec=run_spec,
-        gen=lambda wc, input: f"--generator {input.generator}" if input.generator else "",
+        flags=input_flags,
     log:
-        f"logs/{BENCH}/sample_{{method}}_{{run}}_{{k}}of{{n}}.log",
+        "logs/{bench}/sample_{method}_{run}_{k}of{n}.log",
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} tfd sample --config {CONFIG_FILE} --no-progress --run {wildcards.run} --teacher {input.teacher} {params.gen} "
+        "OMP_NUM_THREADS={threads} tfd sample --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress "
+        "--run {wildcards.run} --teacher {input.teacher} {params.flags} "
         "--shard {wildcards.k}/{wildcards.n} --out {output} > {log} 2>&1"
 
 
@@ -22,27 +24,35 @@ rule merge_samples:
     input:
         shard_files,
     output:
-        f"{BENCH_DIR}/{{method}}/{{run}}/samples.npz",
+        "results/{bench}/{method}/{run}/samples.npz",
     log:
-        f"logs/{BENCH}/merge_{{method}}_{{run}}.log",
+        "logs/{bench}/merge_{method}_{run}.log",
     shell:
         "OMP_NUM_THREADS={threads} tfd merge-samples --out {output} {input} > {log} 2>&1"
 
 
-rule score:
-    input:
-        samples=f"{BENCH_DIR}/{{method}}/{{run}}/samples.npz",
-        ref=ref_stats_file(),
-        fweights=feature_weights_file(),
-    output:
-        [f"{BENCH_DIR}/{{method}}/{{run}}/metrics/{m}.json" for m in METRICS],
-    params:
-        outdir=lambda wc: f"{BENCH_DIR}/{wc.method}/{wc.run}/metrics",
-        fweights=lambda wc, input: f"--feature-weights {input.fweights}" if input.fweights else "",
-    log:
-        f"logs/{BENCH}/score_{{method}}_{{run}}.log",
-    resources:
-        gpu=1,
-    shell:
-        "OMP_NUM_THREADS={threads} tfd score --config {CONFIG_FILE} --no-progress --samples {input.samples} --ref-stats {input.ref} "
-        "{params.fweights} --out-dir {params.outdir} > {log} 2>&1"
+# One score rule per active benchmark (its metric files are its outputs): `score` for Table 1's
+# benchmark, `score_text` for Table 2's (the slurm profile sets their resources by these names).
+for _bench, _name in ((BENCH, "score"), (TEXT_BENCH, "score_text")):
+    if _bench is None or (_name == "score_text" and _bench == BENCH):
+        continue
+
+    rule:
+        name:
+            _name
+        input:
+            unpack(score_inputs),
+        output:
+            [f"results/{{bench}}/{{method}}/{{run}}/metrics/{m}.json" for m in BENCHES[_bench].eval.metrics],
+        wildcard_constraints:
+            bench=re.escape(_bench),
+        params:
+            outdir=lambda wc: f"results/{wc.bench}/{wc.method}/{wc.run}/metrics",
+            flags=input_flags,
+        log:
+            "logs/{bench}/score_{method}_{run}.log",
+        resources:
+            gpu=1,
+        shell:
+            "OMP_NUM_THREADS={threads} tfd score --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress "
+            "--samples {input.samples} {params.flags} --out-dir {params.outdir} > {log} 2>&1"

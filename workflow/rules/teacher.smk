@@ -1,4 +1,5 @@
-# The teacher: train the embedded one, or convert the EDM checkpoint; the domain feature network.
+# The teachers (train the embedded one, or convert EDM's checkpoint), the domain feature network
+# and the FID reference statistics. The text-to-image teacher, its data and CLIP: text.smk.
 
 if BENCH_CFG.teacher.kind == "train":
 
@@ -6,7 +7,7 @@ if BENCH_CFG.teacher.kind == "train":
       output:
           f"{BENCH_DIR}/teacher/teacher.safetensors",
       params:
-          spec=teacher_spec(),
+          spec=teacher_spec(BENCH),
       log:
           f"logs/{BENCH}/train_teacher.log",
       threads: 2  # runs alone early in the DAG: 0.12 s/step with 2 threads vs 0.15 s with 1 (idle machine)
@@ -33,9 +34,9 @@ elif str(BENCH_CFG.teacher.checkpoint or "").endswith(".pkl"):
 
 rule digits_feature_net:
     output:
-        f"{BENCH_DIR}/feature_net/digits_net.safetensors",
+        "results/{bench}/feature_net/digits_net.safetensors",
     log:
-        f"logs/{BENCH}/digits_feature_net.log",
+        "logs/{bench}/digits_feature_net.log",
     threads: 1
     shell:
         "OMP_NUM_THREADS={threads} tfd train-feature-net --no-progress --out {output} > {log} 2>&1"
@@ -43,12 +44,13 @@ rule digits_feature_net:
 
 rule ref_stats:
     input:
-        feature_weights_file(),
+        unpack(ref_stats_inputs),
     output:
-        f"{BENCH_DIR}/ref_stats.npz",
+        "results/{bench}/ref_stats.npz",
     log:
-        f"logs/{BENCH}/ref_stats.log",
+        "logs/{bench}/ref_stats.log",
     params:
-        fweights=lambda wc, input: f"--feature-weights {input[0]}" if input else "",
+        flags=input_flags,
     shell:
-        "OMP_NUM_THREADS={threads} tfd ref-stats --config {CONFIG_FILE} --no-progress {params.fweights} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tfd ref-stats --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress "
+        "{params.flags} --out {output} > {log} 2>&1"
