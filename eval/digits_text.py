@@ -30,13 +30,12 @@ word, e.g. "a thick seven leaning right", "the digit seven (7), thick strokes, s
 from __future__ import annotations
 
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from eval.io import atomic_write_json
+from eval.io import atomic_directory, atomic_write_json
 
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WEIGHT_TOL, SLANT_TOL, SIZE_TOL = 0.10, 0.06, 0.03
@@ -176,18 +175,6 @@ def _is_previous_output(out: Path) -> bool:
     return out.is_dir() and {p.name for p in out.iterdir()} <= {CAPTIONS_FILE, IMAGES_DIR}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Make the finished folder `tmp` the folder `out` by renames: the old `out` is moved aside
-    first and deleted after, so `out` is always either the old or the new complete set."""
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_digits_coco(out_dir: str | os.PathLike, size: int = 32) -> dict:
     """Write the digits-text set: `out_dir/images/digit_<i:04d>.png` (RGB uint8, `size` x `size`)
     and `out_dir/captions.json` (COCO captions format; images carry `label`, `attributes`,
@@ -209,17 +196,11 @@ def write_digits_coco(out_dir: str | os.PathLike, size: int = 32) -> dict:
     images = upsample_digits(x, size)
     attrs = measure_attributes(x, labels)
     coco = _coco_dict(images, labels, attrs, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / IMAGES_DIR).mkdir(parents=True)
+    with atomic_directory(out) as tmp:
+        (tmp / IMAGES_DIR).mkdir()
         for rec, img in zip(coco["images"], images):
             Image.fromarray(img).save(tmp / IMAGES_DIR / rec["file_name"], format="PNG")
         atomic_write_json(tmp / CAPTIONS_FILE, coco)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"paths": {"dir": str(out), "images": str(out / IMAGES_DIR), "captions": str(out / CAPTIONS_FILE)},
             "counts": _counts(labels, attrs, len(coco["annotations"]))}
 

@@ -16,6 +16,7 @@ differ), versions of the packages that produce numbers, host and time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -106,6 +107,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Write a folder atomically: `with atomic_directory(out) as tmp:` fill `tmp` (a fresh sibling
+    folder); on success `tmp` becomes `out` by renames (an existing `out` is moved aside first and
+    deleted after), so `out` is always the old complete folder or the new one, never half of one
+    (a killed job leaves a `.<name>.tmp-*` folder beside it, never a broken `out`). On an
+    exception `tmp` is removed and `out` is untouched. Used for diffusers `save_pretrained`
+    folders and the embedded text data."""
+    import shutil
+    import tempfile
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode any new folder gets
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

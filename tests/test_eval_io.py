@@ -169,3 +169,22 @@ def test_every_writer_gives_the_umask_mode(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_atomic_directory_keeps_the_old_folder_on_failure(tmp_path):
+    from eval.io import atomic_directory
+
+    out = tmp_path / "pipe"
+    with atomic_directory(out) as d:
+        (d / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    with atomic_directory(out) as d:
+        (d / "b.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask  # the mode of any new folder, not mkdtemp's 0700

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -62,12 +63,33 @@ def test_dag_end_to_end(tiny_dag, tiny_config, run_snakemake):
     assert row.loc["dmd2", "generator_updates"] == 1  # steps 0 (5, 10, ...): two time-scale update
     assert df["fid_digits"].notna().all() and (df["fid_digits"] >= 0).all()
     check_ablations(root, cfg)
+    check_table2(root, tiny_config)
     check_manifest(root, cfg, df)
     check_figures(root, cfg)
     # a second run finds everything up to date
     again = tiny(run_snakemake, root, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
     check_report(root, run_snakemake)
+
+
+def check_table2(root, tiny_config):
+    """The text-to-image benchmark of rule all: Table 2's rows through the diffusers pipeline and the
+    adapter, sampled with the prompt table and scored with fid_digits and the trained tiny CLIP."""
+    t = tiny_config["benchmarks"][tiny_config["text_benchmark"]]
+    df = pd.read_csv(root / "results/table2.csv").set_index("run")
+    assert list(df.index) == t["table2"]
+    assert df.loc["teacher_g6", "nfe"] == 2 * 2 and df.loc["teacher_g1", "nfe"] == 2  # guided steps count twice
+    assert df.loc["teacher_heun_g6", "nfe"] == (2 * 2 - 1) * 2 and df.loc["onestep_init", "nfe"] == 1
+    assert df[["fid_digits", "clip_score", "max_ssim"]].notna().all().all()
+    assert (df["clip_score"].abs() <= 1).all() and not any(c.startswith("paper_") for c in df.columns)
+    bench = root / "results" / tiny_config["text_benchmark"]
+    table = [json.loads(line) for line in (bench / "prompts.jsonl").read_text().splitlines()]
+    assert len(table) == t["prompts"]["num_prompts"]
+    with np.load(bench / "pipeline/teacher_g6/samples.npz") as z:
+        assert z["arr_0"].shape == (t["eval"]["num_samples"], 32, 32, 3)
+        assert list(z["arr_1"]) == [table[i % len(table)]["id"] for i in range(t["eval"]["num_samples"])]
+    clip = json.loads((bench / "pipeline/teacher_g6/metrics/clip_score.json").read_text())["provenance"]
+    assert clip["clip_model"] == "TinyCLIP-digits" and clip["checkpoint"].endswith("TinyCLIP-digits.safetensors")
 
 
 @pytest.mark.slow

@@ -151,10 +151,10 @@ class TeacherTrainCfg:
 @dataclass
 class VaeTrainCfg:
     """Training of the embedded text-to-image benchmark's tiny `AutoencoderKL` (`tfd train-vae`)."""
-    steps: int = 1500
-    batch_size: int = 64
+    steps: int = 500
+    batch_size: int = 32
     lr: float = 1e-3
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-4
     seed: int = 0
     arch_overrides: dict[str, Any] = field(default_factory=dict)   # over tfd.t2i_tiny.tiny_vae_config()
 
@@ -180,7 +180,7 @@ class TeacherCfg:
 class ClipTrainCfg:
     """The tiny open_clip model of an embedded text benchmark's clip_score (`tfd train-clip`,
     `eval.tiny_clip.train_tiny_clip`)."""
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

@@ -17,13 +17,12 @@ open_clip's `SimpleTokenizer` (vocabulary construction), and /work/shared/notes/
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from eval.io import atomic_directory
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
@@ -196,20 +195,8 @@ def save_pipeline_folder(out_dir: str | Path, *, unet, vae, text_encoder, text_e
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                      scheduler=scheduler, force_zeros_for_empty_prompt=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+    with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.io import atomic_write_json, provenance
+from eval.io import atomic_directory, atomic_write_json, provenance
 from tfd.t2i_tiny import (
     clip_tokenizer,
     save_pipeline_folder,
@@ -75,21 +73,8 @@ def save_pretrained_atomic(model, out_dir: str | os.PathLike) -> Path:
     then renamed into place (an existing `out_dir` is moved aside and deleted after), so a killed
     job leaves the old folder or the new one, never half of one. Returns `out_dir` as a Path."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -150,7 +135,7 @@ def reconstruction_psnr(vae, x: torch.Tensor, batch_size: int = 256) -> float:
 
 
 def train_vae(images_u8_nhwc: np.ndarray, out_dir: str | os.PathLike, vae_config: Mapping | None = None,
-              steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, kl_weight: float = 1e-4, seed: int = 0,
+              steps: int = 500, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-4, seed: int = 0,
               progress: bool = True, *, warmup_steps: int = 50) -> dict:
     """Train a diffusers `AutoencoderKL` on uint8 NHWC images and save it to `out_dir`.
 
@@ -170,7 +155,7 @@ def train_vae(images_u8_nhwc: np.ndarray, out_dir: str | os.PathLike, vae_config
         torch.manual_seed(seed)
         vae = AutoencoderKL.from_config(cfg)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=True)
     curve, recs, start = [], [], time.time()
     vae.train()
     for step in tqdm(range(steps), desc="train-vae", disable=not progress, mininterval=2):
@@ -263,15 +248,24 @@ def eps_loss(unet, x0: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.
     return ((pred - eps) ** 2).mean()
 
 
+# The teacher's UNet: SDXL's topology (3 blocks, cross-attention in the lower two and the middle)
+# at 1.75M parameters. Measured on a 2-core CPU (2 threads, digits-text, the defaults below): 2000
+# steps of 64 in 240 s; 400 samples (Euler, 20 steps) are 99.5% class-correct at guidance 6 (91% at
+# guidance 1). tiny_unet_config's default ((32, 64, 128), 2 layers per block, 8.1M) costs 2.7x more
+# per step, and every distillation method pays for the teacher's size again.
+TEACHER_UNET = {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "transformer_layers_per_block": (1, 1, 1)}
+
+
 def teacher_unet_config(latent_shape: Sequence[int], text_hidden: tuple[int, int],
-                        overrides: Mapping | None) -> dict:
-    """`tiny_unet_config` for latents [C,h,w] and text widths, with `overrides` (its keyword
-    arguments: block_out_channels, layers_per_block, transformer_layers_per_block,
-    addition_time_embed_dim, norm_num_groups). ValueError when an override contradicts the latents
-    (`sample_size`, `in_channels`) or the text encoders (`text_hidden`)."""
+                        overrides: Mapping | None = None) -> dict:
+    """`tiny_unet_config` for latents [C,h,w] and text widths: `TEACHER_UNET` with `overrides` over
+    it (keyword arguments of `tiny_unet_config`: block_out_channels, layers_per_block,
+    transformer_layers_per_block, addition_time_embed_dim, norm_num_groups). ValueError when an
+    override contradicts the latents (`sample_size`, `in_channels`) or the text encoders
+    (`text_hidden`)."""
     base = {"sample_size": int(latent_shape[-1]), "in_channels": int(latent_shape[0]),
             "text_hidden": tuple(int(h) for h in text_hidden)}
-    over = dict(overrides or {})
+    over = {**TEACHER_UNET, **(overrides or {})}
     for k, v in base.items():
         if k in over and (tuple(over[k]) if k == "text_hidden" else int(over[k])) != v:
             raise ValueError(f"unet_config_overrides[{k!r}] = {over[k]!r} contradicts the data ({v!r})")
@@ -286,9 +280,9 @@ def ema_update(ema, net, beta: float) -> None:
 
 
 def train_t2i_teacher(images_u8_nhwc: np.ndarray, captions: Sequence[Sequence[str]], vae_dir: str | os.PathLike,
-                      out_dir: str | os.PathLike, unet_config_overrides: Mapping | None = None, steps: int = 3000,
+                      out_dir: str | os.PathLike, unet_config_overrides: Mapping | None = None, steps: int = 2000,
                       batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
-                      ema_halflife_steps: float = 200.0, seed: int = 0, progress: bool = True, *,
+                      ema_halflife_steps: float = 250.0, seed: int = 0, progress: bool = True, *,
                       text_seed: int = 0, text_hidden: tuple[int, int] = (32, 64), warmup_steps: int = 100,
                       weight_decay: float = 0.01) -> dict:
     """Train the tiny SDXL-topology teacher (see the module docstring) and save its pipeline folder.
@@ -342,7 +336,7 @@ def _teacher_loop(unet, x0, pe_all, pooled_all, cap_ids, offsets, time_ids, step
     abar = sdxl_alphas_cumprod()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     beta = 0.5 ** (1.0 / max(ema_halflife_steps, 1e-8))
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     counts = offsets[1:] - offsets[:-1]
     losses, curve, start = [], [], time.time()
     unet.train()

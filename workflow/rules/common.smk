@@ -131,7 +131,7 @@ def text_data(bench, images: bool = True, captions: bool = True):
 
 
 def prompts_inputs(bench):
-    """What rule prompts reads: the given prompt file, or the captions json (and the images, checked to exist)."""
+    """The inputs of rule prompts (the given prompt file, or the captions json and the images, checked to exist)."""
     b = BENCHES[bench]
     if b.prompts.file:
         return {"file": b.prompts.file}

@@ -73,7 +73,7 @@ if TEXT_CFG is not None:
                 clip_config=clip_files(TB)["clip_config"],
             params:
                 spec=json.dumps(dataclasses.asdict(TEXT_CFG.eval.clip_train), sort_keys=True),
-                outdir=f"results/{TB}/clip",
+                outdir=lambda wc, output: str(Path(output.clip).parent),
             log:
                 f"logs/{TB}/train_clip.log",
             threads: 2
