@@ -79,8 +79,10 @@ class ClipScorer:
         cfg = {**DEFAULTS, **{k: v for k, v in (config or {}).items() if v is not None}}
         ckpt = cfg.get("clip_checkpoint")
         if not ckpt:
+            source = (PAPER_SOURCE if cfg["clip_model"] == DEFAULTS["clip_model"] else
+                      f"weights of {cfg['clip_model']!r} (on an embedded benchmark: made by `tfd train-clip`)")
             raise FileNotFoundError(f"config key `clip_checkpoint` is not set: it must be a local file with the "
-                                    f"{PAPER_SOURCE}")
+                                    f"{source}")
         ckpt = Path(ckpt).expanduser()
         if not ckpt.is_file():
             raise FileNotFoundError(f"config key `clip_checkpoint` = {str(ckpt)!r}: file not found. It must be the "
@@ -91,6 +93,10 @@ class ClipScorer:
                 raise FileNotFoundError(f"config key `clip_model_config` = {str(mc)!r}: file not found")
             open_clip.add_model_config(mc)
         name = cfg["clip_model"]
+        if name not in open_clip.list_models():
+            raise FileNotFoundError(f"config key `clip_model` = {name!r} is not an open_clip built-in architecture: "
+                                    "set `clip_model_config` to its model-config JSON (for an embedded benchmark, "
+                                    f"the {name}.json written beside the checkpoint by `tfd train-clip`)")
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=str(ckpt),
                                                                                device=device)
         self.model.eval().float()
@@ -105,6 +111,7 @@ class ClipScorer:
             "checkpoint": str(ckpt),
             "sha256": file_sha256(ckpt),
             "paper_setting": f"ViT-g-14 / {PAPER_TAG}",
+            "is_paper_setting": name == DEFAULTS["clip_model"],
             "image_preprocessing": f"center-crop long edge, PIL LANCZOS to {self.resize}, then open_clip eval "
                                    f"transform ({self.preprocess})",
             "text": f"prefix {self.prefix!r}, tokenizer {type(self.tokenizer).__name__} (vocab {vocab})",

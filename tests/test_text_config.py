@@ -107,3 +107,28 @@ def test_table2_keeps_paper_numbers_apart_and_marks_unscored_rows(tmp_path):
     assert "`paper_*` columns are the TFD paper's reported numbers" in md and "the paper's FP" in md
     with pytest.raises(ValueError, match="has no table2 rows"):
         write_table(load_config(ROOT / "config.yaml"), tmp_path, tmp_path / "t.csv", table="table2")
+
+
+def test_a_diffusers_teacher_must_be_a_whole_pipeline_folder(tmp_path):
+    (tmp_path / "sdxl" / "unet").mkdir(parents=True)  # a folder, but not a pipeline
+    for f in ("captions.json", "inception.pt", "clip.bin"):
+        (tmp_path / f).write_text("x")
+    (tmp_path / "val2014").mkdir()
+    cfg = load_config(ROOT / "config.yaml", {"text_benchmark": "coco2014", "benchmarks": {"coco2014": {
+        "teacher": {"checkpoint": str(tmp_path / "sdxl")},
+        "data": {"captions_json": str(tmp_path / "captions.json"), "images_dir": str(tmp_path / "val2014")},
+        "eval": {"feature_extractor_weights_path": str(tmp_path / "inception.pt"),
+                 "clip_checkpoint": str(tmp_path / "clip.bin")}}}})
+    with pytest.raises(ConfigError, match=r"is not a StableDiffusionXLPipeline folder \(no vae/, text_encoder/"):
+        check(cfg, files=True)
+
+
+def test_clip_errors_say_where_the_weights_come_from(tmp_path):
+    from eval.clip_score import ClipScorer
+    with pytest.raises(FileNotFoundError, match="made by `tfd train-clip`"):
+        ClipScorer({"clip_model": "TinyCLIP-digits"})
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is not an open_clip built-in architecture: set `clip_model_config`"):
+        ClipScorer({"clip_model": "TinyCLIP-digits", "clip_checkpoint": str(tmp_path / "w.safetensors")})
+    with pytest.raises(FileNotFoundError, match="laion2b_s12b_b42k"):  # the paper's model: where to get it
+        ClipScorer({})

@@ -265,7 +265,8 @@ def cmd_score(args):
 
 def _manifest_inputs(args) -> dict:
     return {k: v for k, v in (("teacher", args.teacher), ("ref_stats", args.ref_stats),
-                              ("feature_weights", args.feature_weights)) if v}
+                              ("feature_weights", args.feature_weights), ("prompts", getattr(args, "prompts", None)),
+                              ("clip_checkpoint", getattr(args, "clip_checkpoint", None))) if v}
 
 
 def cmd_table(args):
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name, fn, help, config=True):
-        s = sub.add_parser(name, help=help, description=help)
+        s = sub.add_parser(name, help=help, description=help.replace("%%", "%"))
         if config:
             s.add_argument("--config", action="append", default=None,
                            help="config file (default: config.yaml); give it twice to merge an overlay over it, "
@@ -360,13 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature extractor weights, for the convergence record (train.eval_every)")
     s.add_argument("--ref-stats", default=None, help="for the convergence record (train.eval_every)")
     s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
-    s.add_argument("--run", required=True)
-    s.add_argument("--teacher", required=True)
+    s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
+    s.add_argument("--teacher", required=True,
+                   help="the teacher: EDM-format safetensors, or a diffusers pipeline folder (text benchmarks)")
     s.add_argument("--generator", default=None, help="exported generator (distillation runs); omit for teacher rows")
     s.add_argument("--out", required=True, help="npz (arr_0 uint8 NHWC, arr_1 condition ids, seeds)")
     s.add_argument("--shard", default=None, help="k/n: write shard k of n (zero-based)")
     s.add_argument("--num", type=int, default=None, help="number of samples (default: eval.num_samples)")
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None, help="images per sampler call (default: eval.batch_size)")
     s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table (results/<bench>/prompts.jsonl)")
     s = add("merge-samples", cmd_merge_samples, "join shard npz files in seed order", config=False)
     s.add_argument("--out", required=True)
@@ -402,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--teacher", default=None, help="(manifest) teacher weights the runs used")
         t.add_argument("--ref-stats", default=None, help="(manifest) reference statistics")
         t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
+        t.add_argument("--prompts", default=None, help="(manifest) the prompt table of a text benchmark")
+        t.add_argument("--clip-checkpoint", default=None, help="(manifest) the CLIP model of clip_score")
     from tfd.figures import add_figure_parser
     add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP

@@ -411,6 +411,10 @@ class Config:
     text_benchmark: Optional[str] = None
     benchmarks: dict[str, BenchmarkCfg] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.text_benchmark in ("", "null", "none", "None"):  # `--config text_benchmark=null` is a string
+            self.text_benchmark = None
+
     @property
     def active(self) -> list[str]:
         """The benchmarks the workflow builds: `benchmark` and `text_benchmark` (when set)."""
@@ -523,6 +527,14 @@ def check(cfg: Config, files: bool = False) -> Config:
     if files:
         problems += [f"{k}: no such file or folder: {v}" for k, v in input_paths(cfg).items()
                      if v and not Path(v).exists()]
+        for name in cfg.active:  # a diffusers teacher must be a whole StableDiffusionXLPipeline folder
+            t = cfg.bench(name).teacher
+            if t.kind == "diffusers" and t.checkpoint and Path(t.checkpoint).is_dir():
+                subs = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+                gone = [s for s in subs if not (Path(t.checkpoint) / s).is_dir()]
+                if gone:
+                    problems.append(f"benchmarks.{name}.teacher.checkpoint: {t.checkpoint} is not a "
+                                    f"StableDiffusionXLPipeline folder (no {', '.join(f'{g}/' for g in gone)})")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else
                           f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))

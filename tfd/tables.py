@@ -106,7 +106,10 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1") -> pd.Data
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
     if b.task == "text":
-        note += (" `nfe`: UNet forward passes per image, a classifier-free-guided step counting two (the paper's FP). "
+        clip = f"open_clip `{b.eval.clip_model}`" + (" trained on this benchmark's captions by the workflow, not the "
+                                                    "paper's ViT-g-14" if b.data.kind == "digits_text" else "")
+        note += (f" FID features: `{b.eval.feature_extractor}`; `clip_score`: mean raw cosine of {clip}."
+                 " `nfe`: UNet forward passes per image, a classifier-free-guided step counting two (the paper's FP). "
                  f"Image i gets prompt i % {b.prompts.num_prompts} and seed base + i, whatever the batch size or "
                  "number of shards (DMD2 seeds per batch).")
     _write_csv_md(df, out, note)
@@ -171,6 +174,14 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
 
 
 def _file_entry(path: Path) -> dict:
+    """{path, sha256, bytes} of a file; of a folder (a diffusers pipeline) the sha256 of its
+    files' relative paths and hashes, in order; {path, exists: False} when there is nothing."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        digest = "\n".join(f"{f.relative_to(path)} {file_sha256(f)}" for f in files)
+        import hashlib
+        return {"path": str(path), "sha256": hashlib.sha256(digest.encode()).hexdigest(), "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files)}
     if not path.is_file():
         return {"path": str(path), "exists": False}
     return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}

@@ -26,7 +26,10 @@ def _typed_config(checked: bool) -> Config:
         if checked:
             check(typed, files=True)
     except ConfigError as e:
-        keys = input_paths(typed) if "typed" in locals() else {}
+        try:
+            keys = input_paths(typed) if "typed" in locals() else {}
+        except ConfigError:  # an undefined benchmark: the message says so
+            keys = {}
         hint = f"\n{SITE_HINT}" if any(k in str(e) for k in keys) else ""
         raise WorkflowError(f"invalid configuration: {e}{hint}") from None
     return typed
@@ -72,8 +75,10 @@ def run_dir(run, bench=None):
 
 
 def run_spec(wildcards):
-    """The run's resolved config block as a param: editing it reruns that run only."""
-    return json.dumps(dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run]), sort_keys=True, default=str)
+    """The run's resolved config block as a param: editing it reruns that run only (its label and
+    paper numbers are the table's business: editing them reruns nothing but the table)."""
+    spec = dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run])
+    return json.dumps({k: v for k, v in spec.items() if k not in ("label", "paper")}, sort_keys=True, default=str)
 
 
 TEACHER_KEYS = {"train": ("arch", "arch_overrides", "train"),
@@ -226,7 +231,8 @@ def run_outputs(runs, bench=None):
 
 
 def manifest_inputs(wildcards, input):
-    return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("teacher", "ref_stats", "feature_weights")
+    return " ".join(f"--{k.replace('_', '-')} {input[k]}"
+                    for k in ("teacher", "ref_stats", "feature_weights", "prompts", "clip_checkpoint")
                     if k in input.keys() and input[k])
 
 

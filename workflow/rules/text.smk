@@ -88,6 +88,7 @@ if TEXT_CFG is not None:
             ref_stats=ref_stats_file(TB),
             feature_weights=feature_weights_file(TB),
             prompts=prompts_file(TB),
+            clip_checkpoint=clip_files(TB).get("clip", []),
         output:
             csv="results/table2.csv",
             md="results/table2.md",
