@@ -116,7 +116,7 @@ def test_publish_copies_what_the_readme_shows(tiny_dag, tiny_config, run_snakema
     cfg = tiny_config["benchmarks"]["digits"]
     figures = (["convergence", "diversity_lambda_anchor"] + [f"ablation_{a}" for a in cfg["ablations"]]
                + [f"samples_{r}" for r in cfg["table1"]])
-    tables = ["table1"] + [f"ablation_{a}" for a in cfg["ablations"]]
+    tables = ["table1", "table2"] + [f"ablation_{a}" for a in cfg["ablations"]]
     want = ({f"{t}.{x}" for t in tables for x in ("csv", "md", "html", "manifest.json")} | {"convergence.csv"}
             | {f"ablation_{a}_curves.csv" for a in cfg["ablations"]} | {f"figures/{f}.png" for f in figures})
     got = {f.relative_to(pub).as_posix() for f in pub.rglob("*") if f.is_file()}
