@@ -530,8 +530,8 @@ def check(cfg: Config, files: bool = False) -> Config:
         for name in cfg.active:  # a diffusers teacher must be a whole StableDiffusionXLPipeline folder
             t = cfg.bench(name).teacher
             if t.kind == "diffusers" and t.checkpoint and Path(t.checkpoint).is_dir():
-                subs = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-                gone = [s for s in subs if not (Path(t.checkpoint) / s).is_dir()]
+                from tfd.diffusers_denoiser import PIPELINE_SUBFOLDERS
+                gone = [s for s in PIPELINE_SUBFOLDERS if not (Path(t.checkpoint) / s).is_dir()]
                 if gone:
                     problems.append(f"benchmarks.{name}.teacher.checkpoint: {t.checkpoint} is not a "
                                     f"StableDiffusionXLPipeline folder (no {', '.join(f'{g}/' for g in gone)})")

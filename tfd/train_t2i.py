@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from eval.io import atomic_directory, atomic_write_json, provenance
+from eval.sample import dequantise_edm
 from tfd.t2i_tiny import (
     clip_tokenizer,
     save_pipeline_folder,
@@ -65,7 +66,7 @@ def images_to_float(images_u8_nhwc: np.ndarray) -> torch.Tensor:
         raise TypeError(f"expected uint8 images, got {a.dtype}")
     if a.ndim != 4:
         raise ValueError(f"expected NHWC images, got shape {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
+    return dequantise_edm(torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))))
 
 
 def save_pretrained_atomic(model, out_dir: str | os.PathLike) -> Path:
