@@ -178,3 +178,76 @@ def test_cli_parser(tmp_path, conv_csv, capsys):
         figures.main(["ablation", "--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "a"), "--title", "T"])
     figures.main(["figure", "convergence", "--csv", str(path), "--out", str(tmp_path / "m")])
     assert_figure(tmp_path / "m")
+
+
+def make_prompt_npz(path, table, n=9, seed=0, size=8, channels=3, skip=()):
+    """Samples with prompt ids `table.for_samples(i)` (the suite's rule), leaving out ids in `skip`."""
+    from eval.sample import save_npz
+    rng = np.random.default_rng(seed)
+    conds = table.for_samples(np.arange(n))
+    keep = ~np.isin(conds, list(skip))
+    images = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)[keep]
+    save_npz(path, {"arr_0": images, "arr_1": conds[keep], "seeds": np.arange(n, dtype=np.int64)[keep],
+                    "conditions_sha256": np.array(table.sha256)})
+    return path
+
+
+@pytest.fixture
+def prompt_table():
+    from eval.conditions import PromptTable
+    return PromptTable(ids=(5, 7, 9), texts=("a one", "a two " + "with a long caption " * 8, "a three"))
+
+
+def test_prompt_grid(tmp_path, prompt_table):
+    files = {"SDXL teacher (25 steps)": make_prompt_npz(tmp_path / "t.npz", prompt_table, seed=1),
+             "DMD2": make_prompt_npz(tmp_path / "d.npz", prompt_table, seed=2, channels=1),  # grey with RGB
+             "TFD (ours, λ=1)": make_prompt_npz(tmp_path / "f.npz", prompt_table, seed=3, skip=(7,))}
+    stem = tmp_path / "fig1"
+    res = figures.plot_prompt_grid(files, prompt_table, stem, rows=6, title="text-to-image")
+    assert_figure(stem)
+    # first prompts (table order) present in every file: 7 is missing from the TFD file
+    assert res == {"prompt_ids": [5, 9], "labels": list(files), "files": [str(p) for p in files.values()]}
+    res = figures.plot_prompt_grid(files, prompt_table, tmp_path / "one", rows=1)
+    assert res["prompt_ids"] == [5]
+    # explicit ids, in the given order; the prompt table may come from a file
+    prompt_table.save_jsonl(tmp_path / "prompts.jsonl")
+    two = {k: files[k] for k in list(files)[:2]}
+    res = figures.plot_prompt_grid(two, tmp_path / "prompts.jsonl", tmp_path / "ids", rows=[9, 7, 5])
+    assert res["prompt_ids"] == [9, 7, 5]
+    assert_figure(tmp_path / "ids")
+
+
+def test_prompt_grid_errors(tmp_path, prompt_table):
+    ok = make_prompt_npz(tmp_path / "ok.npz", prompt_table)
+    short = make_prompt_npz(tmp_path / "short.npz", prompt_table, skip=(7,))
+    big = make_prompt_npz(tmp_path / "big.npz", prompt_table, size=16)
+    with pytest.raises(ValueError, match=r"short\.npz: no sample of prompt id 7"):
+        figures.plot_prompt_grid({"a": ok, "b": short}, prompt_table, tmp_path / "x", rows=[5, 7])
+    with pytest.raises(ValueError, match=r"big\.npz: images are 16x16"):
+        figures.plot_prompt_grid({"a": ok, "b": big}, prompt_table, tmp_path / "x")
+    with pytest.raises(ValueError, match="not in the prompt table"):
+        figures.plot_prompt_grid({"a": ok}, prompt_table, tmp_path / "x", rows=[4])
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        figures.plot_prompt_grid({"a": ok}, prompt_table, tmp_path / "x", rows=0)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        figures.plot_prompt_grid({"a": tmp_path / "missing.npz"}, prompt_table, tmp_path / "x")
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_prompt_grid_cli(tmp_path, prompt_table, capsys):
+    from tfd import cli
+    prompt_table.save_jsonl(tmp_path / "prompts.jsonl")
+    a = make_prompt_npz(tmp_path / "a.npz", prompt_table, seed=1)
+    b = make_prompt_npz(tmp_path / "b.npz", prompt_table, seed=2)
+    cli.main(["figure", "prompts", "--samples", f"SDXL teacher={a}", f"TFD (λ=1)={b}",
+              "--prompts", str(tmp_path / "prompts.jsonl"), "--rows", "2", "--out", str(tmp_path / "p"),
+              "--title", "T"])
+    assert_figure(tmp_path / "p")
+    assert "2 prompts x 2 methods; prompt ids [5, 7]" in capsys.readouterr().out
+    figures.main(["prompts", "--samples", f"a={a}", "--prompts", str(tmp_path / "prompts.jsonl"),
+                  "--prompt-ids", "9", "5", "--out", str(tmp_path / "q")])
+    assert "prompt ids [9, 5]" in capsys.readouterr().out
+    assert_figure(tmp_path / "q")
+    with pytest.raises(SystemExit, match="nope.jsonl"):
+        figures.main(["prompts", "--samples", f"a={a}", "--prompts", str(tmp_path / "nope.jsonl"),
+                      "--out", str(tmp_path / "r")])

@@ -158,6 +158,74 @@ def cmd_prompts(args):
     print(f"prompt table: {table.describe()} -> {args.out}")
 
 
+def _positives_cfg(b, args):
+    """The positives settings: the benchmark's block, or run `--run`'s (with its overrides)."""
+    return b.positives_for(args.run) if getattr(args, "run", None) else b.positives
+
+
+def _paired_set(args, b):
+    """(captions json, images folder) of the paired image set, or (None, None): --data-dir (the
+    embedded data), positives.paired_*, or for the embedded benchmark its data."""
+    from pathlib import Path
+    p = _positives_cfg(b, args)
+    if p.paired_captions_json:
+        return p.paired_captions_json, p.paired_images_dir
+    if getattr(args, "data_dir", None):
+        return Path(args.data_dir) / "captions.json", Path(args.data_dir) / "images"
+    return None, None
+
+
+def cmd_train_prompts(args):
+    from eval.conditions import load_prompt_table
+    from tfd.config import ConfigError
+    from tfd.positives import train_prompts
+    cfg, b = _text_bench(args)
+    p = _positives_cfg(b, args)
+    if p.prompts_file:
+        table = load_prompt_table(p.prompts_file)
+    else:
+        captions, _ = _captions_and_images(args, b)
+        if not captions:
+            raise ConfigError(f"benchmarks.{cfg.benchmark}.positives.prompts_file: required (a training prompt list, "
+                              "e.g. LAION prompts) when the benchmark has no captions to draw from")
+        table = train_prompts(captions, p.num_prompts, p.prompts_seed)
+    table.save_jsonl(args.out)
+    print(f"training prompts: {table.describe()} -> {args.out}")
+
+
+def cmd_latents(args):
+    from tfd.config import ConfigError
+    from tfd.positives import encode_paired_latents
+    cfg, b = _text_bench(args)
+    captions, images = _paired_set(args, b)
+    if not captions:
+        raise ConfigError(f"benchmarks.{cfg.benchmark}.positives: no paired image set (set paired_captions_json and "
+                          "paired_images_dir, or pass --data-dir)")
+    p = _positives_cfg(b, args)
+    info = encode_paired_latents(args.teacher, captions, images, args.out, resolution=b.resolution,
+                                 fraction=p.paired_fraction, seed=p.prompts_seed,
+                                 device=default_device(), progress=not args.no_progress)
+    print(json.dumps(info))
+
+
+def cmd_positives(args):
+    from eval.conditions import load_prompt_table
+    from eval.sample import parse_shard
+    from tfd.positives import positives_shard
+    cfg, b = _text_bench(args)
+    counts = positives_shard(args.teacher, load_prompt_table(args.train_prompts), _positives_cfg(b, args),
+                             parse_shard(args.shard), args.out, paired_latents=args.latents,
+                             device=default_device(), progress=not args.no_progress)
+    print(json.dumps(counts))
+
+
+def cmd_merge_positives(args):
+    from tfd.positives import merge_positives
+    counts = merge_positives(args.parts, args.out)
+    print(json.dumps(counts))
+    print(f"merged {len(args.parts)} positives shards -> {args.out}")
+
+
 def _text_arrays(args):
     from eval.digits_text import digits_text_arrays
     return digits_text_arrays(args.data_dir)
@@ -214,13 +282,24 @@ def cmd_distill(args):
         raise ConfigError(f"run {args.run!r} is a sampler row ({run.method}): nothing to distill")
     tcfg = run.train if args.steps is None else dataclasses.replace(run.train, steps=args.steps)
     device = default_device()
-    teacher = load_denoiser(args.teacher, device)
-    method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed)
+    if b.task == "text":  # the teacher speaks the training prompts; the convergence record the eval prompts
+        from eval.conditions import load_prompt_table
+        from tfd.positives import check_positives_prompts
+        from tfd.runs import load_teacher
+        if not (args.train_prompts and args.positives):
+            raise ConfigError(f"run {args.run!r} of the text benchmark {cfg.benchmark!r} needs --train-prompts and "
+                              "--positives (rules train_prompts and merge_positives make them)")
+        train_table = load_prompt_table(args.train_prompts)
+        check_positives_prompts(args.positives, train_table)
+        teacher = load_teacher(b, args.teacher, device, prompts=train_table)
+    else:
+        teacher = load_denoiser(args.teacher, device)
+    method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed, positives=args.positives)
     eval_fn = None
     if tcfg.eval_every and args.ref_stats:
         from tfd.convergence import convergence_eval_fn
         eval_fn = convergence_eval_fn(b, args.feature_weights, args.ref_stats, type(method), method.params,
-                                      device=device)
+                                      device=device, prompts=_prompts(args, b))
     info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn,
                    progress=not args.no_progress).fit(resume=not args.no_resume)
     dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
@@ -340,6 +419,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--captions-json", default=None, help="COCO captions json (default: data.captions_json)")
     s.add_argument("--images-dir", default=None, help="check that every prompt's image is in this folder")
     s.add_argument("--prompts-file", default=None, help="take this prompt file as given (default: prompts.file)")
+    s = add("train-prompts", cmd_train_prompts,
+            "build a text benchmark's training prompt table (positives.prompts_file, or distinct captions drawn)")
+    s.add_argument("--out", required=True, help="prompt table (.jsonl)")
+    s.add_argument("--data-dir", default=None, help="the embedded data folder (captions.json + images/)")
+    s.add_argument("--captions-json", default=None, help="COCO captions json (default: data.captions_json)")
+    s.add_argument("--run", default=None, help="use this run's positives settings (its overrides)")
+    s = add("latents", cmd_latents, "encode the paired image set once with the teacher's VAE (positives)")
+    s.add_argument("--run", default=None, help="use this run's positives settings (its overrides)")
+    s.add_argument("--teacher", required=True, help="the teacher's diffusers pipeline folder (its VAE)")
+    s.add_argument("--data-dir", default=None, help="the embedded data folder (the default paired set)")
+    s.add_argument("--out", required=True, help="latents safetensors")
+    s = add("positives", cmd_positives,
+            "make one shard of the positives cache (real latents, teacher samples for the rest)")
+    s.add_argument("--teacher", required=True, help="the teacher's diffusers pipeline folder")
+    s.add_argument("--train-prompts", required=True, help="the training prompt table (tfd train-prompts)")
+    s.add_argument("--latents", default=None, help="the paired latents (tfd latents); omit: all from the teacher")
+    s.add_argument("--run", default=None, help="use this run's positives settings (its overrides)")
+    s.add_argument("--shard", default=None, help="k/n: shard k of n (zero-based) of the prompt rows")
+    s.add_argument("--out", required=True)
+    s = add("merge-positives", cmd_merge_positives, "join positives shards into the cache", config=False)
+    s.add_argument("--out", required=True)
+    s.add_argument("parts", nargs="+")
     s = add("train-vae", cmd_train_vae, "train the embedded text benchmark's tiny AutoencoderKL")
     s.add_argument("--data-dir", required=True)
     s.add_argument("--out", required=True, help="output folder (diffusers AutoencoderKL)")
@@ -353,13 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True)
     s = add("distill", cmd_distill, "train one distillation run (resumes from its checkpoint by default)")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
-    s.add_argument("--teacher", required=True, help="teacher safetensors (EDM format)")
+    s.add_argument("--teacher", required=True,
+                   help="the teacher: EDM-format safetensors, or a diffusers pipeline folder (text benchmarks)")
     s.add_argument("--out-dir", required=True)
     s.add_argument("--steps", type=int, default=None, help="override train.steps")
     s.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     s.add_argument("--feature-weights", default=None, metavar="PATH",
                    help="feature extractor weights, for the convergence record (train.eval_every)")
     s.add_argument("--ref-stats", default=None, help="for the convergence record (train.eval_every)")
+    s.add_argument("--prompts", default=None, help="text benchmarks: the evaluation prompt table (convergence record)")
+    s.add_argument("--train-prompts", default=None,
+                   help="text benchmarks: the training prompt table (rule train_prompts)")
+    s.add_argument("--positives", default=None, help="text benchmarks: the positives cache (rule merge_positives)")
     s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True,

@@ -137,6 +137,45 @@ class PromptsCfg:
 
 
 @dataclass
+class PositivesCfg:
+    """Teacher positive generation of a text-to-image benchmark (TFD paper Sec. 4.2, Table 3): for
+    every training prompt, `n_pos` positives (latents): prompt-matched real images of the paired
+    image set when at least `n_pos` exist; otherwise all matched real images topped up with
+    teacher samples; with none, all from the teacher (`steps` denoising steps of the teacher's own
+    diffusers pipeline with classifier-free guidance `guidance`; seed per prompt and slot, from
+    `seed`). Built once per distinct setting by rules `train_prompts`, `latents`, `positives_shard`
+    (`shards` jobs) and `merge_positives` under `results/<bench>/positives/<key>/`, and shared by
+    every run and sweep with the same settings (`tfd.positives`).
+
+    Training prompts: `prompts_file` (a LAION-style prompt list: `.txt`, `.pkl` or a prompt-table
+    `.jsonl`), else `num_prompts` distinct captions drawn with `prompts_seed` from the benchmark's
+    captions (`data`). Paired image set: a COCO-format captions file + image folder
+    (`paired_captions_json`, `paired_images_dir`; default: the embedded `digits_text` data; on
+    `coco` none, so all positives come from the teacher: the COCO-2014 val images are the
+    evaluation reference and never training data), of which a `paired_fraction` of the images
+    (drawn with `prompts_seed`) is kept; a prompt matches an image when one of its captions is the
+    same text up to case, whitespace and a final period."""
+    n_pos: int = 4
+    steps: int = 50
+    guidance: float = 6.0
+    scheduler: Optional[str] = None       # diffusers scheduler class (None: the teacher folder's own)
+    seed: int = 0
+    shards: int = 1
+    num_prompts: int = 10000
+    prompts_seed: int = 0
+    prompts_file: Optional[str] = None
+    paired_captions_json: Optional[str] = None
+    paired_images_dir: Optional[str] = None
+    paired_fraction: float = 1.0
+
+    def __post_init__(self):
+        if self.n_pos < 1 or self.steps < 1 or self.shards < 1 or self.num_prompts < 1:
+            raise ValueError("n_pos, steps, shards and num_prompts must be >= 1")
+        if not 0.0 <= self.paired_fraction <= 1.0:
+            raise ValueError(f"paired_fraction must be in [0, 1], got {self.paired_fraction}")
+
+
+@dataclass
 class TeacherTrainCfg:
     """Training of the embedded teacher with the EDM loss (`tfd train-teacher`)."""
     steps: int = 4000
@@ -226,6 +265,8 @@ class TrainCfg:
     log_every: int = 20                   # iterations between stats.jsonl records
     eval_every: int = 0                   # convergence record: every K iterations (0: off)
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute the trainable networks' activations in backward
+                                          # (diffusers UNets: enable_gradient_checkpointing; SDXL scale)
 
 
 @dataclass
@@ -244,6 +285,7 @@ class RunCfg:
     params: Any = None                    # method hyperparameters (the method's Params dataclass)
     label: Optional[str] = None                              # row label in the tables
     paper: dict[str, float] = field(default_factory=dict)   # the paper's reported numbers (shown as paper_*)
+    positives: dict[str, Any] = field(default_factory=dict)  # text runs: overrides of the benchmark's positives
 
     def resolve(self, where: str) -> "RunCfg":
         """Type the `sampler` / `train` / `params` blocks in place; ConfigError naming `where.<block>`."""
@@ -380,6 +422,7 @@ class BenchmarkCfg:
     task: typing.Literal["class", "text"] = "class"
     data: DataCfg = field(default_factory=DataCfg)
     prompts: PromptsCfg = field(default_factory=PromptsCfg)
+    positives: PositivesCfg = field(default_factory=PositivesCfg)   # text: TFD/DMD2 training positives
     num_classes: int = 10
     resolution: int = 8
     channels: int = 1
@@ -389,6 +432,14 @@ class BenchmarkCfg:
     table1: list[str] = field(default_factory=list)         # run names, in table order
     table2: list[str] = field(default_factory=list)         # text benchmarks: Table 2's rows
     ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
+
+    def positives_for(self, run_name: str) -> PositivesCfg:
+        """The positives settings of a run: the benchmark's block with the run's `positives` overrides."""
+        run = self.runs[run_name]
+        if not run.positives:
+            return self.positives
+        return from_dict(PositivesCfg, deep_update(dataclasses.asdict(self.positives), run.positives),
+                         f"runs.{run_name}.positives")
 
     def __post_init__(self):
         problems = []
@@ -436,6 +487,9 @@ def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[s
         out.update({f"{w}.teacher.checkpoint": b.teacher.checkpoint, f"{w}.data.path": b.data.path,
                     f"{w}.data.captions_json": b.data.captions_json, f"{w}.data.images_dir": b.data.images_dir,
                     f"{w}.prompts.file": b.prompts.file, f"{w}.eval.ref_stats": b.eval.ref_stats,
+                    f"{w}.positives.prompts_file": b.positives.prompts_file,
+                    f"{w}.positives.paired_captions_json": b.positives.paired_captions_json,
+                    f"{w}.positives.paired_images_dir": b.positives.paired_images_dir,
                     f"{w}.eval.feature_extractor_weights_path": b.eval.feature_extractor_weights_path,
                     f"{w}.eval.clip_checkpoint": b.eval.clip_checkpoint,
                     f"{w}.eval.clip_model_config": b.eval.clip_model_config})
@@ -502,6 +556,16 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
     for r, run in b.runs.items():
         if run.method == "pipeline" and not text:
             problems.append(f"{w}.runs.{r}.method: 'pipeline' rows need a text benchmark (a diffusers teacher)")
+    for r, run in b.runs.items():
+        if run.positives and not (text and run.trains):
+            problems.append(f"{w}.runs.{r}.positives: only a text benchmark's training runs take positives settings")
+        elif run.positives:
+            try:
+                b.positives_for(r)
+            except ConfigError as e:
+                problems.append(f"{w}.{e}")
+    if bool(b.positives.paired_captions_json) != bool(b.positives.paired_images_dir):
+        problems.append(f"{w}.positives: paired_captions_json and paired_images_dir go together (the paired image set)")
     for aname, abl in b.ablations.items():
         for bud in abl.budgets:
             if bud < 0:

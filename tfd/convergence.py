@@ -15,7 +15,7 @@ from eval.sample import StackedRandom
 
 def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_stats_path: str | os.PathLike,
                         method_cls, params, *, num: int | None = None, batch_size: int | None = None,
-                        device: str | torch.device | None = None):
+                        device: str | torch.device | None = None, prompts=None):
     """The trainer's `eval_fn(generator, step) -> {fid name: value, "<fid name>_n": n}` for
     convergence curves.
 
@@ -29,7 +29,10 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
     (`method_cls.sampler_for`), conditions `conditions[i % len]` of the benchmark's condition list
     and per-image seeds `b.eval.base_seed + i` (the same images every call), and scores them in
     memory (`eval.metrics.fid`). `generator` is the live `Denoiser`; its train/eval mode is
-    restored afterwards."""
+    restored afterwards. A text benchmark passes its evaluation prompt table `prompts`, bound to
+    the generator while it samples (`DiffusersDenoiser.prompts_bound`; training prompts after)."""
+    import contextlib
+
     from tfd.runs import conditions
 
     ext = build_extractor(b.eval.feature_extractor,
@@ -40,7 +43,7 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
     name = metric_names(ext)["fid"]
     n = int(num or b.eval.convergence_samples)
     bs = int(batch_size or b.eval.batch_size)
-    conds = conditions(b)
+    conds = conditions(b, prompts)
 
     def eval_fn(generator: torch.nn.Module, step: int) -> dict:
         was_training = generator.training
@@ -48,8 +51,9 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
         device = next(generator.parameters()).device
         sampler = method_cls.sampler_for(generator, params)
         feats = []
+        bound = generator.prompts_bound(conds) if b.task == "text" else contextlib.nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), bound:
                 for s0 in range(0, n, bs):
                     idx = np.arange(s0, min(n, s0 + bs))
                     c = torch.as_tensor(conds.for_samples(idx), device=device)

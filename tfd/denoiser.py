@@ -106,6 +106,25 @@ class Denoiser(nn.Module):
         """Model space -> pixels in [-1, 1], `[N, C, H, W]` float32 (identity for pixel-space nets)."""
         return x
 
+    def discrete_sigmas(self) -> torch.Tensor:
+        """The noise levels of a discrete-time model's training timesteps t = 0..T-1, ascending,
+        float32 `[T]` (SDXL: 0.0292..14.61). ValueError for a continuous-time net (EDM)."""
+        raise ValueError(f"{type(self).__name__} is a continuous-time denoiser: it has no discrete timesteps "
+                         "(use sigma_grid: karras, generator_sigma instead of generator_timestep)")
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass (memory for compute). ValueError for a network
+        kind without it (the EDM/ADM UNet)."""
+        if enabled:
+            raise ValueError(f"{type(self).__name__}: gradient checkpointing is not available for this network kind")
+
+    def timestep_sigma(self, t: int) -> float:
+        """sigma of training timestep `t` (`discrete_sigmas()[t]`); ValueError when out of range."""
+        grid = self.discrete_sigmas()
+        if not 0 <= int(t) < len(grid):
+            raise ValueError(f"timestep {t} is outside 0..{len(grid) - 1}")
+        return float(grid[int(t)])
+
     # -- hidden features ----------------------------------------------------------------------
     def resolve_layer(self, name: str) -> tuple[str, nn.Module]:
         """A layer name (alias or module path relative to this denoiser) -> (module path, module)."""

@@ -32,6 +32,7 @@ config and the base pipeline folder (text encoders, VAE and scheduler come from 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import OrderedDict
@@ -291,7 +292,26 @@ class DiffusersDenoiser(Denoiser):
         return SDXLCond(torch.zeros(n, length, d, device=device), torch.zeros(n, p, device=device),
                         self.time_ids(n, device))
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """diffusers' `enable_gradient_checkpointing` / `disable_gradient_checkpointing` on the UNet."""
+        (self.unet.enable_gradient_checkpointing if enabled else self.unet.disable_gradient_checkpointing)()
+
+    @contextlib.contextmanager
+    def prompts_bound(self, table):
+        """Bind `table` for the duration of a `with` block (e.g. the evaluation prompts of a
+        convergence record during training on the training prompts), then restore the previous one."""
+        old = self._frozen.prompts
+        self._frozen.prompts = table
+        try:
+            yield self
+        finally:
+            self._frozen.prompts = old
+
     # -- the denoiser ---------------------------------------------------------------------------
+    def discrete_sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999 (ascending), float32 on the UNet's device."""
+        return self.log_sigmas.exp().float()
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma `[N]` -> fractional timestep `[N]` float32 in [0, 999]: linear interpolation in
         log-sigma between the grid points, weight clamped to [0, 1] (k-diffusion `sigma_to_t`)."""

@@ -8,6 +8,7 @@ then `os.replace`).
     samples      a grid of generated samples: one row per class, first N of each class
     diversity    per class, one row per sample file, titled with the row's max pairwise SSIM (Fig. 3)
     ablation     FID vs training iterations per ablation variant, budgets marked (Fig. 4)
+    prompts      text-to-image comparison: a row per prompt (caption below), a column per method (Fig. 1)
 
 Command line: `tfd figure <kind> ...` (via `add_figure_parser`) or `python -m tfd.figures <kind> ...`.
 matplotlib (Agg backend) and pandas are imported only when a figure is drawn, so building the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +292,82 @@ def plot_ablation(curves_csv, out_stem, title: str, budgets=()) -> dict:
     return shown
 
 
+def _prompt_table(prompts):
+    """A `PromptTable` as is, or one read from a path with `eval.conditions.load_prompt_table`."""
+    from eval.conditions import PromptTable, load_prompt_table
+    return prompts if isinstance(prompts, PromptTable) else load_prompt_table(prompts)
+
+
+def plot_prompt_grid(npz_by_label: dict, prompts, out_stem, rows=6, title: str | None = None,
+                     wrap: int = 80) -> dict:
+    """The paper's Figure 1 analogue: one row per prompt, one column per sample file (the dict's
+    labels, in order, as column titles); each cell is the first sample of that file whose
+    condition id (`arr_1`) is the row's prompt id, and the row's caption is written under it
+    (wrapped at `wrap` characters).
+
+    `prompts`: an `eval.conditions.PromptTable` or a path to one (`load_prompt_table`). `rows`: an
+    int N = the first N prompts, in prompt-table order, that every file has a sample of (fewer if
+    fewer exist), or a list of prompt ids shown in the given order. Images must share H x W
+    (1 or 3 channels; grey is shown as RGB when another file is RGB). Returns
+    {"prompt_ids": [...], "labels": [...], "files": [...]}.
+
+    ValueError (naming the file) when a requested prompt id has no sample in a file, or when a
+    file's H x W differs from the first file's; ValueError also for no files, rows < 1, a prompt
+    id not in the table, or (rows an int) no prompt present in every file."""
+    if not npz_by_label:
+        raise ValueError("no sample files given")
+    table = _prompt_table(prompts)
+    labels, files = [str(k) for k in npz_by_label], [str(v) for v in npz_by_label.values()]
+    loaded = [load_samples(f) for f in files]
+    h, w = loaded[0][0].shape[1:3]
+    for f, (images, _) in zip(files, loaded):
+        if images.shape[1:3] != (h, w):
+            raise ValueError(f"{f}: images are {images.shape[1]}x{images.shape[2]}, but {files[0]} has "
+                             f"{h}x{w} (all files must share H x W)")
+    if isinstance(rows, (int, np.integer)):
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        present = set(table.ids).intersection(*(set(c.tolist()) for _, c in loaded))
+        ids = [i for i in table.ids if i in present][:int(rows)]
+        if not ids:
+            raise ValueError(f"no prompt of {table.source or 'the prompt table'} has a sample in every file "
+                             f"({', '.join(files)})")
+    else:
+        ids = [int(i) for i in rows]
+        if not ids:
+            raise ValueError("rows: empty list of prompt ids")
+        unknown = [i for i in ids if i not in table.row_of]
+        if unknown:
+            raise ValueError(f"prompt id(s) {unknown} not in the prompt table {table.source or '(in memory)'}")
+    channels = 3 if any(im.shape[-1] == 3 for im, _ in loaded) else 1
+    cells = np.zeros((len(ids), len(files), h, w, channels), np.uint8)
+    for k, (f, (images, conds)) in enumerate(zip(files, loaded)):
+        for r, i in enumerate(ids):
+            hit = np.flatnonzero(conds == i)
+            if len(hit) == 0:
+                raise ValueError(f"{f}: no sample of prompt id {i} ({table.captions([i])[0]!r})")
+            cells[r, k] = images[hit[0]]  # broadcasts a grey image to RGB when needed
+    captions = table.captions(ids)
+    cols, cell_in = len(files), 1.8
+    lines = [textwrap.wrap(c, wrap) or [""] for c in captions]
+    plt = _plt()
+    fig, axes = plt.subplots(len(ids), 1, squeeze=False, figsize=(
+        max(3.0, cell_in * cols), sum(cell_in + 0.16 * len(x) + 0.15 for x in lines) + 0.4))
+    flat = cells.reshape(-1, h, w, channels)
+    for r, ax in enumerate(axes[:, 0]):
+        _show(ax, flat, np.arange(r * cols, (r + 1) * cols)[None])
+        ax.set_xlabel("\n".join(lines[r]), fontsize="small")
+    top = axes[0, 0]
+    top.set_xticks([k * (w + 1) + (w - 1) / 2 for k in range(cols)],
+                   ["\n".join(textwrap.wrap(lab, 24)) or lab for lab in labels], fontsize="small")
+    top.tick_params(axis="x", length=0, top=True, labeltop=True, bottom=False, labelbottom=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+    return {"prompt_ids": ids, "labels": labels, "files": files}
+
+
 # ---------------------------------------------------------------- command line
 
 def _cmd_convergence(args):
@@ -322,8 +400,15 @@ def _cmd_ablation(args):
     print(f"ablation figure ({', '.join(res)}) -> {_stem(args.out)}.png/.pdf")
 
 
+def _cmd_prompts(args):
+    rows = args.prompt_ids if args.prompt_ids else args.rows
+    res = plot_prompt_grid(dict(args.samples), args.prompts, args.out, rows=rows, title=args.title)
+    print(f"prompt grid ({len(res['prompt_ids'])} prompts x {len(res['labels'])} methods; prompt ids "
+          f"{res['prompt_ids']}) -> {_stem(args.out)}.png/.pdf")
+
+
 def add_figure_commands(sub) -> None:
-    """Add the `convergence`, `samples`, `diversity`, `ablation` subcommands to `sub`."""
+    """Add the `convergence`, `samples`, `diversity`, `ablation`, `prompts` subcommands to `sub`."""
     out_help = "output stem: writes STEM.png and STEM.pdf"
     s = sub.add_parser("convergence", help="FID vs training iterations per run (paper Fig. 2)")
     s.add_argument("--csv", required=True, help="convergence csv (tfd table --convergence)")
@@ -352,6 +437,17 @@ def add_figure_commands(sub) -> None:
     s.add_argument("--title", required=True)
     s.add_argument("--budgets", type=float, nargs="*", default=[], help="iteration budgets to mark")
     s.set_defaults(fn=_cmd_ablation)
+    s = sub.add_parser("prompts", help="text-to-image comparison: a row per prompt, a column per method (paper Fig. 1)")
+    s.add_argument("--samples", type=parse_label_path, nargs="+", required=True, metavar="LABEL=NPZ",
+                   help="one or more LABEL=NPZ (split at the last '='), one column each, in order")
+    s.add_argument("--prompts", required=True, help="prompt table (.jsonl/.csv/.txt/.pkl) giving the captions")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--rows", type=int, default=6,
+                   help="the first N prompts (table order) that every file has a sample of (default: 6)")
+    g.add_argument("--prompt-ids", type=int, nargs="+", default=None, help="explicit prompt ids, one row each")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--title", default=None)
+    s.set_defaults(fn=_cmd_prompts)
 
 
 def add_figure_parser(sub) -> argparse.ArgumentParser:
@@ -363,7 +459,7 @@ def add_figure_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    """`python -m tfd.figures <convergence|samples|diversity|ablation> ...` (a leading `figure` is allowed)."""
+    """`python -m tfd.figures <convergence|samples|diversity|ablation|prompts> ...` (a leading `figure` is allowed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["figure"]:
         argv = argv[1:]

@@ -56,19 +56,28 @@ def run_nfe(b: BenchmarkCfg, run_name: str) -> int:
     return run.sampler.nfe if run.method == "pipeline" else 1
 
 
-def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0):
-    """The run's `Method` on the benchmark's data, its data sampler seeded by `seed` and the rank."""
+def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0,
+                 positives: str | Path | None = None):
+    """The run's `Method` on the benchmark's data, its data sampler seeded by `seed` and the rank.
+
+    A text benchmark's data is its positives cache (`positives`, made by `tfd.positives`; the
+    teacher must have the cache's training prompt table bound); ConfigError without one."""
     from tfd import dist
     from tfd.methods import get_method
 
     run = b.runs[run_name]
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1000 + dist.get_rank())
     if b.task == "text":
-        raise ConfigError(f"run {run_name!r}: distillation on a text-to-image benchmark needs the teacher-positive "
-                          "stage, which is not built yet (issue 13); its sampler rows (pipeline, heun, onestep) work")
-    x, y = load_data(b)
-    data = ClassBalancedSampler(x.to(device), y.to(device),
-                                torch.Generator(device="cpu").manual_seed(seed * 1000 + dist.get_rank()),
-                                num_conditions=len(conditions(b)) if b.num_classes else None)
+        if positives is None:
+            raise ConfigError(f"run {run_name!r}: distillation on a text-to-image benchmark needs its positives "
+                              "cache (--positives results/<bench>/positives/<key>/positives.safetensors, "
+                              "rule merge_positives)")
+        from tfd.positives import PositivesSampler
+        data = PositivesSampler.from_file(positives, gen, device)
+    else:
+        x, y = load_data(b)
+        data = ClassBalancedSampler(x.to(device), y.to(device), gen,
+                                    num_conditions=len(conditions(b)) if b.num_classes else None)
     # Networks a method creates (DMD2's GAN head) draw their initial weights from torch's global
     # RNG, which is seeded at random in every new process: seed it, identically on every rank.
     torch.manual_seed(seed)
@@ -95,4 +104,6 @@ def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, gene
         raise ValueError(f"run {run_name!r} ({run.method}) needs --generator (its exported generator)")
     from tfd.methods import get_method
     gen = load_denoiser(generator_path, device, what="generator")
+    if b.task == "text":
+        gen.bind_prompts(prompts)
     return get_method(run.method).sampler_for(gen, run.params)

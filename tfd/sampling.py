@@ -81,13 +81,15 @@ def heun_sampler(teacher, cfg: HeunCfg):
     return sample
 
 
-def one_step_sampler(generator, sigma: float | None = None):
-    """`sampler(cond, rnd)` for a one-step generator `x = D(s z; s, c)`, z ~ N(0, I) of the
-    generator's `sample_shape`, at input noise level `s` (default: its `sigma_max`), decoded."""
+def one_step_sampler(generator, sigma: float | None = None, scale: float | None = None):
+    """`sampler(cond, rnd)` for a one-step generator `x = D(a z; s, c)`, z ~ N(0, I) of the
+    generator's `sample_shape`, at input noise level `s` (default: its `sigma_max`) with input
+    scale `a` (default `s`, EDM; DMD2's SDXL timestep input uses sqrt(s^2 + 1)), decoded."""
     s = float(generator.sigma_max if sigma is None else sigma)
+    a = s if scale is None else float(scale)
 
     @torch.no_grad()
     def sample(cond, rnd):
         z = rnd.randn(generator.sample_shape)
-        return generator.decode(generator.denoise(z * s, s, cond))
+        return generator.decode(generator.denoise(z * a, s, cond))
     return sample

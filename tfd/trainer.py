@@ -44,6 +44,12 @@ class Trainer:
         self.nets = method.networks()
         if "generator" not in self.nets:
             raise ValueError(f"method {method.name!r}: networks() must include 'generator'")
+        if cfg.gradient_checkpointing:  # every trainable Denoiser (DMD2's fake score holds one)
+            from tfd.denoiser import Denoiser
+            for net in self.nets.values():
+                for m in net.modules():
+                    if isinstance(m, Denoiser):
+                        m.set_gradient_checkpointing(True)
         if cfg.precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"precision {cfg.precision!r} needs a GPU; use fp32 on CPU")
         self.opts = {

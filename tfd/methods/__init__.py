@@ -5,6 +5,7 @@ with `@register("name")`, one import line below, and one `runs:` block in config
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +37,21 @@ def input_sigma(params, generator) -> float:
     one and it is set, else the generator denoiser's own `sigma_max` (EDM nets: 80)."""
     s = getattr(params, "generator_sigma", None)
     return float(s) if s is not None else float(generator.sigma_max)
+
+
+def generator_input(params, generator) -> tuple[float, float]:
+    """(sigma, scale) of the one-step generator's input `x = scale * z` at noise level sigma.
+
+    `params.generator_timestep` t set (DMD2's SDXL "conditioning timestep", 399): sigma = the
+    teacher's discrete sigma of t and scale = sqrt(sigma^2 + 1), so the network sees the raw noise
+    z as its VP input at t, exactly as DMD2 feeds SDXL (notes/sdxl-adapter.md: G(z) = D(1.532 z;
+    1.1606) at t = 399). Otherwise EDM's `x = s z` at s = `input_sigma` (scale = sigma)."""
+    t = getattr(params, "generator_timestep", None)
+    if t is not None:
+        s = float(generator.timestep_sigma(int(t)))
+        return s, math.sqrt(s * s + 1.0)
+    s = input_sigma(params, generator)
+    return s, s
 
 
 class Method:
@@ -70,9 +86,10 @@ class Method:
     @classmethod
     def sampler_for(cls, generator, params):
         """`sampler(cond, rnd)` for evaluation from an exported generator (a `Denoiser`); default:
-        one step `x = D(s z; s, c)` at `s = input_sigma(params, generator)`."""
+        one step `x = D(a z; s, c)` with `(s, a) = generator_input(params, generator)`."""
         from tfd.sampling import one_step_sampler
-        return one_step_sampler(generator, input_sigma(params, generator))
+        sigma, scale = generator_input(params, generator)
+        return one_step_sampler(generator, sigma, scale=scale)
 
 
 def get_method(name: str) -> type[Method]:

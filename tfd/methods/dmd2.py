@@ -36,14 +36,15 @@ zero the signal).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfd.methods import Method, StepOutput, input_sigma, register
+from tfd.methods import Method, StepOutput, generator_input, register
 from tfd.sampling import karras_sigmas
 
 
@@ -57,6 +58,12 @@ class DMD2Params:
     max_step_percent: float = 0.98
     rho: float = 7.0                      # grid over the teacher's sigma_min..sigma_max (EDM nets: 0.002..80)
     generator_sigma: Optional[float] = None   # generator's input noise level; None: the teacher's sigma_max
+    generator_timestep: Optional[int] = None  # discrete teachers (SDXL): input at this timestep (DMD2 SDXL: 399)
+    real_guidance: Optional[float] = None     # real score's classifier-free guidance (DMD2 SDXL: 8); fake: none
+    sigma_grid: Literal["karras", "discrete"] = "karras"   # noise levels: EDM Karras grid, or the teacher's
+                                                           # own discrete timesteps (DMD2 SDXL: DDPM t)
+    fake_loss: Literal["edm", "epsilon"] = "edm"  # fake-score weighting: EDM (s^-2 + sd^-2), or
+                                                  # epsilon-MSE (s^-2; DMD2 SDXL's fake-UNet loss)
     gan_weight_d: float = 1e-2            # fake score (discriminator) GAN loss weight
     gan_weight_g: float = 3e-3            # generator GAN loss weight
     gan_layer: str = "bottleneck"         # fake score layer the head reads (DMD2: enc 8x8_block2)
@@ -68,22 +75,26 @@ def _num_groups(c: int) -> int:
 
 
 class GANHead(nn.Module):
-    """DMD2's `cls_pred_branch`, kernels clamped to small maps (module docstring). Returns [N] logits."""
+    """DMD2's `cls_pred_branch`, kernels clamped to small maps (module docstring). Returns [N] logits.
+
+    Halving convs (k4, s2, p1) until the map is at most 4 (at least one; DMD2's ImageNet head has
+    one for its 8x8 map, its SDXL head three for the 32x32 mid-block map of 128x128 latents), then
+    one conv with kernel = stride = min(4, map), then the 1x1 logit conv."""
 
     def __init__(self, channels: int, resolution: int):
         super().__init__()
-        k1, s1, p1 = (4, 2, 1) if resolution >= 2 else (1, 1, 0)
-        r1 = (resolution + 2 * p1 - k1) // s1 + 1
-        k2 = min(4, r1)
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, channels, k1, stride=s1, padding=p1),
-            nn.GroupNorm(_num_groups(channels), channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, k2, stride=k2, padding=0),
-            nn.GroupNorm(_num_groups(channels), channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, 1, 1),
-        )
+        layers, r = [], resolution
+        halvings = max(1, math.ceil(math.log2(resolution / 4))) if resolution >= 2 else 0
+        for _ in range(halvings):
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1),
+                       nn.GroupNorm(_num_groups(channels), channels), nn.SiLU()]
+            r = (r + 2 - 4) // 2 + 1
+        if not halvings:  # a 1x1 map: a 1x1 first conv
+            layers += [nn.Conv2d(channels, channels, 1), nn.GroupNorm(_num_groups(channels), channels), nn.SiLU()]
+        k2 = min(4, r)
+        layers += [nn.Conv2d(channels, channels, k2, stride=k2, padding=0),
+                   nn.GroupNorm(_num_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h.float()).mean(dim=(2, 3)).flatten()
@@ -123,13 +134,23 @@ class DMD2(Method):
         if p.gan:
             with torch.no_grad():  # shape of the head's input map
                 x0 = torch.zeros([1, *teacher.sample_shape], device=device)
-                c0 = torch.zeros(1, dtype=torch.long, device=device)
+                # any condition: the map's shape does not depend on it (a text teacher has no id 0)
+                c0 = teacher.uncond(1, device) if teacher.has_uncond else torch.zeros(1, dtype=torch.long,
+                                                                                       device=device)
                 h = teacher.features(x0, torch.ones([1], device=device), c0, [p.gan_layer])[p.gan_layer]
             head = GANHead(h.shape[1], min(h.shape[-2:])).to(device)
         self.fake = FakeScore(net, head)
-        # Ascending 1000-level Karras grid over the teacher's range (DMD2: get_sigmas_karras(...).flip(0)).
-        self.karras = karras_sigmas(p.num_train_timesteps, teacher.sigma_min, teacher.sigma_max,
-                                    p.rho).flip(0).float().to(device)
+        # Ascending 1000-level noise grid: a Karras grid over the teacher's range (DMD2's EDM code:
+        # get_sigmas_karras(...).flip(0)), or the teacher's own discrete timesteps (DMD2's SD code:
+        # DDPM timesteps t with scheduler.add_noise, i.e. sigma_t in EDM terms).
+        if p.sigma_grid == "discrete":
+            self.karras = teacher.discrete_sigmas().float().to(device)
+            if len(self.karras) != p.num_train_timesteps:
+                raise ValueError(f"sigma_grid 'discrete': the teacher has {len(self.karras)} timesteps, "
+                                 f"num_train_timesteps is {p.num_train_timesteps}")
+        else:
+            self.karras = karras_sigmas(p.num_train_timesteps, teacher.sigma_min, teacher.sigma_max,
+                                        p.rho).flip(0).float().to(device)
         self.min_step = int(p.min_step_percent * p.num_train_timesteps)
         self.max_step = int(p.max_step_percent * p.num_train_timesteps)
 
@@ -171,27 +192,30 @@ class DMD2(Method):
         return self.karras[i].reshape(-1, 1, 1, 1)
 
     def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x = G(s z; s, c), s the generator's input noise level; z `[B, *sample_shape]`, cond `[B]`."""
-        s = input_sigma(self.params, self.generator)
-        return self.generator.denoise(z * s, s, cond)
+        """x = G(a z; s, c), (s, a) = `generator_input` (EDM: a = s; SDXL timestep input: a =
+        sqrt(s^2 + 1)); z `[B, *sample_shape]`, cond `[B]`."""
+        s, a = generator_input(self.params, self.generator)
+        return self.generator.denoise(z * a, s, cond)
 
     def dm_loss(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
         """Distribution-matching loss at s = grid[i] (i in 20..980; no grad through the scores)."""
         s = self._sigma(i)
         with torch.no_grad():
             x_t = x.detach() + s * noise
-            real = self.teacher.denoise(x_t, s, cond)
+            real = self.teacher.denoise(x_t, s, cond, guidance=self.params.real_guidance)
             fake = self.fake.net.denoise(x_t, s, cond)
         loss, g = dm_generator_loss(x, real, fake)
         return loss, {"dm_grad_abs": g.abs().mean().item(), "dm_sigma_mean": s.mean().item()}
 
     def fake_score_loss(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
-        """EDM denoising loss on (detached) generator samples at s = grid[i] (i in 0..999):
-        mean((s^-2 + sd^-2) (D_fake(x + s n; s) - x)^2)."""
+        """Denoising loss on (detached) generator samples at s = grid[i] (i in 0..999):
+        mean(w(s) (D_fake(x + s n; s) - x)^2) with w = s^-2 + sd^-2 (EDM, DMD2's ImageNet code) or
+        w = s^-2 (`fake_loss: epsilon`: = mean((eps_fake - n)^2) for an epsilon-prediction net,
+        DMD2's SDXL fake-UNet loss)."""
         x = x.detach()
         s = self._sigma(i)
         pred = self.fake.net.denoise(x + s * noise, s, cond)
-        weight = s ** -2 + self.teacher.sigma_data ** -2
+        weight = s ** -2 + (self.teacher.sigma_data ** -2 if self.params.fake_loss == "edm" else 0.0)
         return (weight * (pred.float() - x.float()) ** 2).mean()
 
     def gan_logits(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tfd.losses import anchor_margin_loss, drifting_loss
-from tfd.methods import Method, StepOutput, input_sigma, register
+from tfd.methods import Method, StepOutput, generator_input, register
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TFDParams:
     anchor_temperature: float = 1.0
     normalization: Literal["double", "paper"] = "double"
     generator_sigma: Optional[float] = None   # generator's input noise level; None: the teacher's sigma_max
+    generator_timestep: Optional[int] = None  # discrete teachers (SDXL): input at this timestep (DMD2: 399)
 
 
 def feature_sigmas(p: TFDParams, G: int, device) -> torch.Tensor:
@@ -93,8 +94,8 @@ class TFD(Method):
         G, Ng, Nr = batch["z"].shape[0], p.n_gen, p.n_pos + p.n_anchor
         cond_gen = cond.repeat_interleave(Ng)
         cond_ref = cond.repeat_interleave(Nr)
-        s0 = input_sigma(p, self.generator)
-        x = self.generator.denoise(batch["z"].flatten(0, 1) * s0, s0, cond_gen)  # x = f_theta(eps, c)
+        s0, a0 = generator_input(p, self.generator)
+        x = self.generator.denoise(batch["z"].flatten(0, 1) * a0, s0, cond_gen)  # x = f_theta(eps, c)
         gen_f = self.teacher_features(x, batch["xi_gen"].flatten(0, 1), sig_g.repeat_interleave(Ng), cond_gen)
         with torch.no_grad():
             ref_f = self.teacher_features(ref.flatten(0, 1), batch["xi_ref"].flatten(0, 1),

@@ -155,6 +155,61 @@ def clip_files(bench):
     return {k: v for k, v in (("clip", b.eval.clip_checkpoint), ("clip_config", b.eval.clip_model_config)) if v}
 
 
+# -- positives of a text benchmark (tfd.positives): three caches keyed by the settings that shape them
+PROMPT_KEYS = ("prompts_file", "num_prompts", "prompts_seed")
+PAIRED_KEYS = ("paired_captions_json", "paired_images_dir", "paired_fraction", "prompts_seed")
+
+
+def _key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def positives_settings(bench):
+    """{positives key: (first run using it, PositivesCfg)} over the training runs of a text benchmark
+    (a run may override the benchmark's block; runs with equal settings share one cache)."""
+    from tfd.positives import positives_key
+    b, out = BENCHES[bench], {}
+    if b.task != "text":
+        return out
+    for name, run in b.runs.items():
+        if run.trains:
+            p = b.positives_for(name)
+            out.setdefault(positives_key(p), (name, p))
+    return out
+
+
+def positives_paths(bench, run):
+    """The caches a training run of a text benchmark reads: train prompts, paired latents (or None:
+    no paired set) and the merged positives."""
+    p = BENCHES[bench].positives_for(run)
+    from tfd.positives import positives_key
+    d = dataclasses.asdict(p)
+    paired = bool(p.paired_captions_json) or BENCHES[bench].data.kind == "digits_text"
+    return {"train_prompts": f"results/{bench}/train_prompts/{_key({k: d[k] for k in PROMPT_KEYS})}.jsonl",
+            "latents": (f"results/{bench}/latents/{_key({k: d[k] for k in PAIRED_KEYS})}.safetensors"
+                        if paired and p.paired_fraction > 0 else None),
+            "positives": f"results/{bench}/positives/{positives_key(p)}/positives.safetensors"}
+
+
+def positives_run(bench, kind, path):
+    """The first training run whose `kind` cache ('train_prompts', 'latents', 'positives') is `path`
+    (for 'positives', any file in its folder): the CLI reads that run's positives settings."""
+    for name, run in BENCHES[bench].runs.items():
+        mine = positives_paths(bench, name)[kind] if run.trains else None
+        if mine and (mine == path or (kind == "positives" and Path(mine).parent == Path(path).parent)):
+            return name
+    raise WorkflowError(f"no training run of {bench} reads the {kind} cache {path}")
+
+
+def distill_inputs(wildcards):
+    """A text run's positives cache, training prompts and evaluation prompts (convergence record)."""
+    b = wildcards.bench
+    if BENCHES[b].task != "text":
+        return {}
+    paths = positives_paths(b, wildcards.run)
+    return {"positives": paths["positives"], "train_prompts": paths["train_prompts"], "prompts": prompts_file(b)}
+
+
 def generator_input(wildcards):
     if not BENCHES[wildcards.bench].runs[wildcards.run].trains:
         return []
@@ -277,3 +332,6 @@ wildcard_constraints:
     ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
     k=r"\d+",
     n=r"\d+",
+    key=r"[0-9a-f]{12}",
+    pkey=r"[0-9a-f]{12}",
+    lkey=r"[0-9a-f]{12}",

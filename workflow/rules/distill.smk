@@ -4,6 +4,7 @@
 rule distill:
     input:
         unpack(convergence_inputs),
+        unpack(distill_inputs),
         teacher=bench_teacher,
     output:
         generator="results/{bench}/{method}/{run}/generator.safetensors",
@@ -12,8 +13,10 @@ rule distill:
         spec=run_spec,
         outdir=lambda wc: run_dir(wc.run, wc.bench),
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
-                                        for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"))
-                                        if k in input.keys()),
+                                        for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"),
+                                                        ("positives", "positives"), ("train_prompts", "train-prompts"),
+                                                        ("prompts", "prompts"))
+                                        if k in input.keys() and input[k]),
         # more than one GPU (set-resources distill:gpu=N): one process per GPU with torchrun (DDP)
         launch=lambda wc, resources: (f"torchrun --standalone --nproc-per-node {resources.gpu} -m tfd.cli --"
                                       if int(resources.get("gpu", 0)) > 1 else "tfd"),

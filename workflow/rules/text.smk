@@ -63,6 +63,81 @@ if TEXT_CFG is not None:
                 f"OMP_NUM_THREADS={{threads}} tfd train-t2i-teacher --config {{CONFIG_FILE}} --bench {TB} --no-progress "
                 f"--data-dir {{input.data}} --vae {{input.vae}} --out {{output}} > {{log}} 2>&1"
 
+    # Teacher positive generation (tfd.positives; TFD paper Sec. 4.2): training prompts, the paired
+    # image set encoded once, sharded positives and their merge, each cached by the settings that
+    # shape it, so every run and sweep with the same positives settings shares one cache.
+    rule train_prompts:
+        input:
+            **({"file": TEXT_CFG.positives.prompts_file} if TEXT_CFG.positives.prompts_file else text_data(TB, images=False)),
+        output:
+            f"results/{TB}/train_prompts/{{pkey}}.jsonl",
+        params:
+            run=lambda wc, output: positives_run(TB, "train_prompts", output[0]),
+            flags=lambda wc, input: f"--data-dir {input.data}" if "data" in input.keys() else
+                  (f"--captions-json {input.captions}" if "captions" in input.keys() else ""),
+        log:
+            f"logs/{TB}/train_prompts_{{pkey}}.log",
+        shell:
+            f"tfd train-prompts --config {{CONFIG_FILE}} --bench {TB} --run {{params.run}} {{params.flags}} "
+            f"--out {{output}} > {{log}} 2>&1"
+
+    rule latents:
+        input:
+            unpack(lambda wc: text_data(TB) if TEXT_CFG.data.kind == "digits_text" else {}),
+            teacher=teacher_file(TB),
+        output:
+            f"results/{TB}/latents/{{lkey}}.safetensors",
+        params:
+            run=lambda wc, output: positives_run(TB, "latents", output[0]),
+            flags=lambda wc, input: f"--data-dir {input.data}" if "data" in input.keys() else "",
+        log:
+            f"logs/{TB}/latents_{{lkey}}.log",
+        threads: 2
+        resources:
+            gpu=1,
+        shell:
+            f"OMP_NUM_THREADS={{threads}} tfd latents --config {{CONFIG_FILE}} --bench {TB} --no-progress "
+            f"--run {{params.run}} --teacher {{input.teacher}} {{params.flags}} --out {{output}} > {{log}} 2>&1"
+
+    def positives_shard_inputs(wc):
+        run = positives_run(TB, "positives", f"results/{TB}/positives/{wc.key}/positives.safetensors")
+        paths = positives_paths(TB, run)
+        return {"teacher": teacher_file(TB), "train_prompts": paths["train_prompts"],
+                **({"latents": paths["latents"]} if paths["latents"] else {})}
+
+    rule positives_shard:
+        input:
+            unpack(positives_shard_inputs),
+        output:
+            temp(f"results/{TB}/positives/{{key}}/shard{{k}}of{{n}}.safetensors"),
+        params:
+            run=lambda wc, output: positives_run(TB, "positives", output[0]),
+            latents=lambda wc, input: f"--latents {input.latents}" if "latents" in input.keys() else "",
+        log:
+            f"logs/{TB}/positives_{{key}}_{{k}}of{{n}}.log",
+        threads: 2
+        resources:
+            gpu=1,
+        shell:
+            f"OMP_NUM_THREADS={{threads}} tfd positives --config {{CONFIG_FILE}} --bench {TB} --no-progress "
+            f"--run {{params.run}} --teacher {{input.teacher}} --train-prompts {{input.train_prompts}} "
+            f"{{params.latents}} --shard {{wildcards.k}}/{{wildcards.n}} --out {{output}} > {{log}} 2>&1"
+
+    def positives_shards(wc):
+        run = positives_run(TB, "positives", f"results/{TB}/positives/{wc.key}/positives.safetensors")
+        n = TEXT_CFG.positives_for(run).shards
+        return [f"results/{TB}/positives/{wc.key}/shard{k}of{n}.safetensors" for k in range(n)]
+
+    rule merge_positives:
+        input:
+            positives_shards,
+        output:
+            f"results/{TB}/positives/{{key}}/positives.safetensors",
+        log:
+            f"logs/{TB}/merge_positives_{{key}}.log",
+        shell:
+            "tfd merge-positives --out {output} {input} > {log} 2>&1"
+
     if "clip" in clip_files(TB) and TEXT_CFG.data.kind == "digits_text" and not TEXT_CFG.eval.clip_checkpoint:
 
         rule train_clip:
