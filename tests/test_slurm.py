@@ -21,7 +21,7 @@ from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_binari
 
 PROFILE = ROOT / "workflow/profiles/slurm"
 PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["imagenet64"]
-GPU_RULES = ("distill", "sample_shard", "score", "score_text")
+GPU_RULES = ("distill", "sample_shard", "score", "score_text", "positives_shard", "latents")
 COCO = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["coco2014"]
 RUN_TIMEOUT = 300  # s, for the real SLURM run (9 jobs in 7 waves; ~10-25 s a wave on 2 cores)
 
@@ -88,7 +88,15 @@ def make_coco_site(d: Path) -> dict:
     (d / "inception-2015-12-05.pt").write_bytes(b"stand-in")
     (d / "open_clip_pytorch_model.bin").write_bytes(b"stand-in")
     build_random_pipeline_folder(d / "sdxl-base")
+    # the training side: a prompt list (LAION's, on a real site) and a paired image set (COCO format)
+    (d / "train_prompts.txt").write_text("a photo of thing 1, take 1\na red bus\na cat on a sofa\n")
+    (d / "paired").mkdir(exist_ok=True)
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(d / "paired" / "p1.jpg")
+    (d / "paired.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "p1.jpg"}],
+                                               "annotations": [{"id": 1, "image_id": 1, "caption": "a red bus"}]}))
     return {"teacher": {"checkpoint": str(d / "sdxl-base")},
+            "positives": {"prompts_file": str(d / "train_prompts.txt"), "paired_captions_json": str(d / "paired.json"),
+                          "paired_images_dir": str(d / "paired")},
             "data": {"captions_json": str(d / "captions_val2014.json"), "images_dir": str(d / "val2014")},
             "eval": {"feature_extractor_weights_path": str(d / "inception-2015-12-05.pt"),
                      "clip_checkpoint": str(d / "open_clip_pytorch_model.bin")}}
@@ -195,8 +203,10 @@ def test_unfilled_site_file_fails_with_one_message(paper_dir, case, run_snakemak
 
 def test_text_to_image_dag_dry_run(paper_dir, run_snakemake):
     """Table 2 on the cluster (coco2014): prompt table, reference statistics of the prompts' real
-    images, 20 sample shards per teacher row, scoring and the table, each job with its resources;
-    a published row whose weights are not given is listed with the paper's numbers, not sampled."""
+    images, 20 sample shards per sampled row, scoring and the table, each job with its resources;
+    the trained rows (TFD, DMD2) with their training prompts, paired latents, 50 positives shards
+    and one merge shared by both runs; a published row whose weights are not given is listed with
+    the paper's numbers, not sampled."""
     make_site(paper_dir / "site")
     (paper_dir / "site.yaml").write_text((paper_dir / "site/site.yaml").read_text())
     r = run_snakemake(paper_dir, "-n", "--profile", str(PROFILE), "--cores", "1000", "results/table2.csv")
@@ -204,11 +214,14 @@ def test_text_to_image_dag_dry_run(paper_dir, run_snakemake):
     assert r.returncode == 0, out[-5000:]
     jobs = dry_jobs(out)
     counts = pd.Series([j["rule"] for j in jobs]).value_counts().to_dict()
-    scored = [r for r in COCO["table2"] if not COCO["runs"][r]["sampler"].get("published")]
+    scored = [r for r in COCO["table2"] if not COCO["runs"][r].get("sampler", {}).get("published")]
     shards = COCO["eval"]["shards"]
-    assert scored == ["sdxl_cfg6", "sdxl_cfg8"] and shards == 20
+    assert scored == ["sdxl_cfg6", "sdxl_cfg8", "dmd2", "tfd"] and shards == 20
+    pos_shards = COCO["positives"]["shards"]
     assert counts == {"prompts": 1, "ref_stats": 1, "sample_shard": shards * len(scored),
-                      "merge_samples": len(scored), "score_text": len(scored), "table2": 1}, counts
+                      "merge_samples": len(scored), "score_text": len(scored), "table2": 1,
+                      "train_prompts": 1, "latents": 1, "positives_shard": pos_shards, "merge_positives": 1,
+                      "distill": 2}, counts
     prof = profile()
     gpu_partition = prof["set-resources"]["distill"]["slurm_partition"]
     for j in jobs:

@@ -132,3 +132,24 @@ def test_clip_errors_say_where_the_weights_come_from(tmp_path):
         ClipScorer({"clip_model": "TinyCLIP-digits", "clip_checkpoint": str(tmp_path / "w.safetensors")})
     with pytest.raises(FileNotFoundError, match="laion2b_s12b_b42k"):  # the paper's model: where to get it
         ClipScorer({})
+
+
+def test_positives_settings_are_checked_and_overridable():
+    """The positives block: a run's override makes its own settings (and cache key); bad values,
+    a half-given paired set, and positives on a class benchmark are errors naming the key."""
+    from tfd.positives import positives_key
+    def run_positives(**kw):
+        return {"benchmarks": {"digits_text": {"runs": {"tfd": {"positives": kw}}}}}
+    cfg = load_config(ROOT / "config.yaml", run_positives(n_pos=8))
+    t = cfg.bench("digits_text")
+    assert t.positives_for("tfd").n_pos == 8 and t.positives_for("dmd2").n_pos == t.positives.n_pos
+    assert positives_key(t.positives_for("tfd")) != positives_key(t.positives_for("dmd2"))
+    assert positives_key(t.positives) == positives_key(type(t.positives)(**{**t.positives.__dict__, "shards": 7}))
+    with pytest.raises(ConfigError, match="paired_fraction must be in"):
+        load_config(ROOT / "config.yaml", {"benchmarks": {"digits_text": {"positives": {"paired_fraction": 2.0}}}})
+    with pytest.raises(ConfigError, match="paired_captions_json and paired_images_dir go together"):
+        load_config(ROOT / "config.yaml", {"benchmarks": {"digits_text": {"positives": {"paired_captions_json": "x"}}}})
+    with pytest.raises(ConfigError, match=r"digits\.runs\.tfd\.positives: only a text benchmark"):
+        load_config(ROOT / "config.yaml", {"benchmarks": {"digits": {"runs": {"tfd": {"positives": {"n_pos": 2}}}}}})
+    with pytest.raises(ConfigError, match="n_pos"):
+        load_config(ROOT / "config.yaml", run_positives(n_pos=0))

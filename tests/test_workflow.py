@@ -44,6 +44,15 @@ def test_tiny_config_shrinks_every_run(tiny_config):
     added = set(bench.runs) - set(d["runs"])
     assert added == {"feature_noise__0", "layers__bottleneck", "lambda_anchor__0"}, added
     assert bench.ablations["seed"].variants == [("0", "tfd")]  # one value: the base run itself, no extra training
+    t = tiny_config["benchmarks"]["digits_text"]
+    for name, run in t["runs"].items():  # the text benchmark's rows too
+        if run.get("method", "pipeline") == "pipeline" or "sampler" in run:
+            assert run.get("sampler", {}).get("steps", 2) <= 2, name
+        else:
+            assert run["train"]["steps"] == 3, name
+    text = from_dict(Config, tiny_config, "config").bench("digits_text")
+    assert {r for r, run in text.runs.items() if run.trains} == {"tfd", "dmd2", "t2i_layers__Mid", "t2i_seed__1"}
+    assert t["positives"]["steps"] <= 2 and t["positives"]["num_prompts"] <= 8
 
 
 @pytest.mark.slow
@@ -90,6 +99,18 @@ def check_table2(root, tiny_config):
         assert list(z["arr_1"]) == [table[i % len(table)]["id"] for i in range(t["eval"]["num_samples"])]
     clip = json.loads((bench / "pipeline/teacher_g6/metrics/clip_score.json").read_text())["provenance"]
     assert clip["clip_model"] == "TinyCLIP-digits" and clip["checkpoint"].endswith("TinyCLIP-digits.safetensors")
+    # the distilled rows and their shared positives cache (two shards, merged; both runs read it)
+    assert df.loc["tfd", "nfe"] == 1 and df.loc["dmd2", "nfe"] == 1 and df.loc["tfd", "iters"] == 3
+    caches = sorted(bench.glob("positives/*/positives.safetensors"))
+    assert len(caches) == 1 and not list(bench.glob("positives/*/shard*"))  # shards are temporary
+    from tfd.positives import load_positives
+    pos, meta = load_positives(caches[0])
+    assert pos["latents"].shape[:2] == (t["positives"]["num_prompts"], t["positives"]["n_pos"])
+    assert meta["shards"] == t["positives"]["shards"] and sum(
+        meta["counts"][k] for k in ("all_real", "some_real", "no_real")) == t["positives"]["num_prompts"]
+    assert (root / "results/figures/table2_prompts.png").is_file()
+    abl = pd.read_csv(root / "results/ablation_t2i_layers.csv")
+    assert list(abl["variant"]) == ["D2+Mid+U0", "Mid"] and list(abl["run"]) == ["tfd", "t2i_layers__Mid"]
 
 
 @pytest.mark.slow

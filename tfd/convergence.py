@@ -37,7 +37,8 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
 
     ext = build_extractor(b.eval.feature_extractor,
                           weights_path=feature_weights_path or b.eval.feature_extractor_weights_path,
-                          device=device if device is not None else "cpu")
+                          device=device if device is not None else "cpu",
+                          digits_input_size=b.resolution)  # digits-text: 32x32 area-averaged to 8x8
     ref = load_ref_stats(ref_stats_path)
     check_provenance(ext.provenance, ref["provenance"], str(ref_stats_path))
     name = metric_names(ext)["fid"]

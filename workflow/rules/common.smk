@@ -43,7 +43,17 @@ BENCHES = {name: CFG.bench(name) for name in CFG.active}
 BENCH = CFG.benchmark
 BENCH_CFG = BENCHES[BENCH]
 RUNS = BENCH_CFG.runs
-ABLATIONS = BENCH_CFG.ablations
+# The sweeps of every active benchmark (Table 1's and Table 2's, e.g. the SDXL layer ablation of
+# Table 7): {name: AblationCfg} and {name: benchmark}; names are unique across the benchmarks
+# (each renders results/ablation_<name>.csv).
+ABLATION_BENCH = {}
+for _b in CFG.active:
+    for _a in BENCHES[_b].ablations:
+        if _a in ABLATION_BENCH:
+            raise WorkflowError(f"ablation {_a!r} is defined by both {ABLATION_BENCH[_a]!r} and {_b!r}: rename one "
+                                "(each renders results/ablation_<name>.csv)")
+        ABLATION_BENCH[_a] = _b
+ABLATIONS = {a: BENCHES[b].ablations[a] for a, b in ABLATION_BENCH.items()}
 EVAL_CFG = BENCH_CFG.eval
 METRICS = EVAL_CFG.metrics
 BENCH_DIR = f"results/{BENCH}"          # every artifact of a benchmark lives below results/<bench>/
@@ -273,6 +283,13 @@ def ablation_runs(name):
     return list(dict.fromkeys(run for _, run in ABLATIONS[name].variants))
 
 
+def ablation_inputs(wildcards):
+    """What an ablation table reads: its runs' outputs (in its benchmark) and the files of the manifest."""
+    b = ABLATION_BENCH[wildcards.ablation]
+    return {"runs": run_outputs(ablation_runs(wildcards.ablation), b), "teacher": teacher_file(b),
+            "ref_stats": ref_stats_file(b), "feature_weights": feature_weights_file(b), "prompts": prompts_file(b)}
+
+
 def table2_runs():
     """Table 2's rows that are scored: a published row whose weights are not given shows the paper's numbers only."""
     return [r for r in TEXT_CFG.table2 if not TEXT_CFG.runs[r].missing_weights] if TEXT_CFG else []
@@ -292,7 +309,7 @@ def manifest_inputs(wildcards, input):
 
 
 def diversity_ablations():
-    return [n for n, a in ABLATIONS.items() if a.diversity is not None]
+    return [n for n, a in ABLATIONS.items() if a.diversity is not None and BENCHES[ABLATION_BENCH[n]].task != "text"]
 
 
 def diversity_samples(wildcards):
@@ -303,7 +320,8 @@ def all_figures():
     return ([f"{FIGURES_DIR}/convergence.png", f"{FIGURES_DIR}/convergence.pdf"]
             + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in table1_runs() for ext in ("png", "pdf")]
             + [f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("png", "pdf")]
-            + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")])
+            + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")]
+            + ([f"{FIGURES_DIR}/table2_prompts.{ext}" for ext in ("png", "pdf")] if TEXT_CFG is not None else []))
 
 
 def out_stem(wildcards, output):

@@ -49,7 +49,7 @@ rule figure_ablation:
         budgets=lambda wc: " ".join(str(b) for b in ABLATIONS[wc.ablation].budgets),
         out=out_stem,
     log:
-        f"logs/{BENCH}/figure_ablation_{{ablation}}.log",
+        "logs/figure_ablation_{ablation}.log",
     shell:
         "tfd figure ablation --csv {input} --out {params.out} --title {params.title} "
         "--budgets {params.budgets} > {log} 2>&1"

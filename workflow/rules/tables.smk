@@ -24,10 +24,7 @@ rule table1:
 
 rule ablation_table:
     input:
-        lambda wc: run_outputs(ablation_runs(wc.ablation)),
-        teacher=teacher_file(),
-        ref_stats=ref_stats_file(),
-        feature_weights=feature_weights_file(),
+        unpack(ablation_inputs),
     output:
         csv="results/ablation_{ablation}.csv",
         md="results/ablation_{ablation}.md",
@@ -37,8 +34,10 @@ rule ablation_table:
         manifest="results/ablation_{ablation}.manifest.json",
     params:
         inputs=manifest_inputs,
+        bench=lambda wc: ABLATION_BENCH[wc.ablation],
     log:
-        f"logs/{BENCH}/ablation_{{ablation}}.log",
+        "logs/ablation_{ablation}.log",
     shell:
-        "OMP_NUM_THREADS={threads} tfd ablation --config {CONFIG_FILE} --no-progress --name {wildcards.ablation} --out {output.csv} "
+        "OMP_NUM_THREADS={threads} tfd ablation --config {CONFIG_FILE} --bench {params.bench} --no-progress "
+        "--name {wildcards.ablation} --out {output.csv} "
         "--curves {output.curves} --manifest {output.manifest} {params.inputs} > {log} 2>&1"

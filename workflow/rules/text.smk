@@ -1,3 +1,5 @@
+import shlex
+
 # The text-to-image benchmark of Table 2 (`text_benchmark`): its data and prompt table, the teacher
 # (a local SDXL pipeline folder, or the embedded tiny one trained here with its VAE), the CLIP model
 # of clip_score (the site's ViT-g-14, or a tiny one trained here), and results/table2.csv. Sampling
@@ -155,6 +157,24 @@ if TEXT_CFG is not None:
             shell:
                 f"OMP_NUM_THREADS={{threads}} tfd train-clip --config {{CONFIG_FILE}} --bench {TB} --no-progress "
                 f"--data-dir {{input}} --out-dir {{params.outdir}} > {{log}} 2>&1"
+
+    rule figure_prompts:
+        input:
+            unpack(lambda wc: {r: f"{run_dir(r, TB)}/samples.npz" for r in table2_runs()}),
+            prompts=prompts_file(TB),
+        output:
+            png=report(f"{FIGURES_DIR}/table2_prompts.png", caption="../report/prompts.rst", category="3. Figures"),
+            pdf=f"{FIGURES_DIR}/table2_prompts.pdf",
+        params:
+            samples=lambda wc, input: " ".join(shlex.quote(f"{TEXT_CFG.runs[r].label or r}={input[r]}")
+                                               for r in table2_runs()),
+            out=out_stem,
+            title=shlex.quote(f"{TB}: one sample per prompt and method (the paper's Figure 1)"),
+        log:
+            f"logs/{TB}/figure_prompts.log",
+        shell:
+            "tfd figure prompts --samples {params.samples} --prompts {input.prompts} --rows 6 "
+            "--out {params.out} --title {params.title} > {log} 2>&1"
 
     rule table2:
         input:
