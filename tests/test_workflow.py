@@ -46,7 +46,7 @@ def test_tiny_config_shrinks_every_run(tiny_config):
     assert bench.ablations["seed"].variants == [("0", "tfd")]  # one value: the base run itself, no extra training
     t = tiny_config["benchmarks"]["digits_text"]
     for name, run in t["runs"].items():  # the text benchmark's rows too
-        if run.get("method", "pipeline") == "pipeline" or "sampler" in run:
+        if run["method"] in SAMPLER_METHODS:
             assert run.get("sampler", {}).get("steps", 2) <= 2, name
         else:
             assert run["train"]["steps"] == 3, name

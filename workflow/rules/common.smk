@@ -211,6 +211,23 @@ def positives_run(bench, kind, path):
     raise WorkflowError(f"no training run of {bench} reads the {kind} cache {path}")
 
 
+def positives_shard_inputs(wildcards):
+    """What one positives shard of the text benchmark reads: teacher, training prompts, paired latents."""
+    tb = TEXT_BENCH
+    run = positives_run(tb, "positives", f"results/{tb}/positives/{wildcards.key}/positives.safetensors")
+    paths = positives_paths(tb, run)
+    return {"teacher": teacher_file(tb), "train_prompts": paths["train_prompts"],
+            **({"latents": paths["latents"]} if paths["latents"] else {})}
+
+
+def positives_shards(wildcards):
+    """The shards merge_positives joins (the `shards` of the runs' positives settings)."""
+    tb = TEXT_BENCH
+    run = positives_run(tb, "positives", f"results/{tb}/positives/{wildcards.key}/positives.safetensors")
+    n = BENCHES[tb].positives_for(run).shards
+    return [f"results/{tb}/positives/{wildcards.key}/shard{k}of{n}.safetensors" for k in range(n)]
+
+
 def distill_inputs(wildcards):
     """A text run's positives cache, training prompts and evaluation prompts (convergence record)."""
     b = wildcards.bench

@@ -101,12 +101,6 @@ if TEXT_CFG is not None:
             f"OMP_NUM_THREADS={{threads}} tfd latents --config {{CONFIG_FILE}} --bench {TB} --no-progress "
             f"--run {{params.run}} --teacher {{input.teacher}} {{params.flags}} --out {{output}} > {{log}} 2>&1"
 
-    def positives_shard_inputs(wc):
-        run = positives_run(TB, "positives", f"results/{TB}/positives/{wc.key}/positives.safetensors")
-        paths = positives_paths(TB, run)
-        return {"teacher": teacher_file(TB), "train_prompts": paths["train_prompts"],
-                **({"latents": paths["latents"]} if paths["latents"] else {})}
-
     rule positives_shard:
         input:
             unpack(positives_shard_inputs),
@@ -124,11 +118,6 @@ if TEXT_CFG is not None:
             f"OMP_NUM_THREADS={{threads}} tfd positives --config {{CONFIG_FILE}} --bench {TB} --no-progress "
             f"--run {{params.run}} --teacher {{input.teacher}} --train-prompts {{input.train_prompts}} "
             f"{{params.latents}} --shard {{wildcards.k}}/{{wildcards.n}} --out {{output}} > {{log}} 2>&1"
-
-    def positives_shards(wc):
-        run = positives_run(TB, "positives", f"results/{TB}/positives/{wc.key}/positives.safetensors")
-        n = TEXT_CFG.positives_for(run).shards
-        return [f"results/{TB}/positives/{wc.key}/shard{k}of{n}.safetensors" for k in range(n)]
 
     rule merge_positives:
         input:
