@@ -12,7 +12,7 @@ from tfd.tables import write_table
 from tests.helpers import ROOT
 
 COCO_KEYS = ["teacher.checkpoint", "data.captions_json", "data.images_dir", "eval.feature_extractor_weights_path",
-             "eval.clip_checkpoint"]
+             "eval.clip_checkpoint", "positives.prompts_file"]
 
 
 def test_default_config_has_both_tables():
@@ -39,6 +39,7 @@ def test_given_but_missing_files_are_named(tmp_path):
         "data": {"captions_json": site["data.captions_json"], "images_dir": site["data.images_dir"]},
         "eval": {"feature_extractor_weights_path": site["eval.feature_extractor_weights_path"],
                  "clip_checkpoint": site["eval.clip_checkpoint"]},
+        "positives": {"prompts_file": site["positives.prompts_file"]},
         "runs": {"dmd2_sdxl": {"sampler": {"unet": str(tmp_path / "dmd2.bin")}}}}}}
     cfg = load_config(ROOT / "config.yaml", over)  # paths set: the typed check passes ...
     assert input_paths(cfg)["benchmarks.coco2014.runs.dmd2_sdxl.sampler.unet"] == str(tmp_path / "dmd2.bin")
@@ -68,14 +69,17 @@ def test_cli_bench_selects_one_benchmark(capsys):
     out = capsys.readouterr().out
     assert "benchmark 'digits_text' (text)" in out and "'digits'" not in out
     with pytest.raises(SystemExit) as e:  # a text-only command on the class benchmark: one line
-        main(["prompts", "--config", str(ROOT / "config.yaml"), "--out", "p.jsonl"])
+        main(["prompts", "--config", str(ROOT / "config.yaml"), "--bench", "digits", "--out", "p.jsonl"])
     assert "applies to a text-to-image benchmark" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # without --bench a text-only command takes the text benchmark
+        main(["prompts", "--config", str(ROOT / "config.yaml"), "--out", "p.jsonl"])
+    assert "benchmarks.digits_text.data.captions_json" in str(e.value)
 
 
 def test_nfe_counts_guided_forward_passes():
     cfg = load_config(ROOT / "config.yaml", {"text_benchmark": "coco2014", "benchmarks": {"coco2014": {
         "teacher": {"checkpoint": "x"}, "data": {"captions_json": "x", "images_dir": "x"},
-        "eval": {"feature_extractor_weights_path": "x", "clip_checkpoint": "x"}}}})
+        "eval": {"feature_extractor_weights_path": "x", "clip_checkpoint": "x"}, "positives": {"prompts_file": "x"}}}})
     c = cfg.bench("coco2014")
     assert run_nfe(c, "sdxl_cfg6") == 100  # the paper's "100 FP"
     assert run_nfe(c, "dmd2_sdxl") == 1 and run_nfe(c, "lcm_sdxl") == 1 and run_nfe(c, "sdxl_turbo") == 1
@@ -86,7 +90,7 @@ def test_nfe_counts_guided_forward_passes():
 def test_table2_keeps_paper_numbers_apart_and_marks_unscored_rows(tmp_path):
     over = {"text_benchmark": None, "benchmark": "coco2014", "benchmarks": {"coco2014": {
         "teacher": {"checkpoint": "x"}, "data": {"captions_json": "x", "images_dir": "x"},
-        "eval": {"feature_extractor_weights_path": "x", "clip_checkpoint": "x"},
+        "eval": {"feature_extractor_weights_path": "x", "clip_checkpoint": "x"}, "positives": {"prompts_file": "x"},
         "runs": {"dmd2_sdxl": {"sampler": {"unet": "dmd2.bin"}}}}}}
     cfg = load_config(ROOT / "config.yaml", over)
     b = cfg.bench()
@@ -111,14 +115,15 @@ def test_table2_keeps_paper_numbers_apart_and_marks_unscored_rows(tmp_path):
 
 def test_a_diffusers_teacher_must_be_a_whole_pipeline_folder(tmp_path):
     (tmp_path / "sdxl" / "unet").mkdir(parents=True)  # a folder, but not a pipeline
-    for f in ("captions.json", "inception.pt", "clip.bin"):
+    for f in ("captions.json", "inception.pt", "clip.bin", "prompts.txt"):
         (tmp_path / f).write_text("x")
     (tmp_path / "val2014").mkdir()
     cfg = load_config(ROOT / "config.yaml", {"text_benchmark": "coco2014", "benchmarks": {"coco2014": {
         "teacher": {"checkpoint": str(tmp_path / "sdxl")},
         "data": {"captions_json": str(tmp_path / "captions.json"), "images_dir": str(tmp_path / "val2014")},
         "eval": {"feature_extractor_weights_path": str(tmp_path / "inception.pt"),
-                 "clip_checkpoint": str(tmp_path / "clip.bin")}}}})
+                 "clip_checkpoint": str(tmp_path / "clip.bin")},
+        "positives": {"prompts_file": str(tmp_path / "prompts.txt")}}}})
     with pytest.raises(ConfigError, match=r"is not a StableDiffusionXLPipeline folder \(no vae/, text_encoder/"):
         check(cfg, files=True)
 

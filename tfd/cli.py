@@ -110,8 +110,11 @@ def cmd_ref_stats(args):
 
 
 def _text_bench(args):
-    """(config, benchmark) of a command that only applies to a text benchmark; ConfigError otherwise."""
-    from tfd.config import ConfigError
+    """(config, benchmark) of a command that only applies to a text benchmark (default: the config's
+    `text_benchmark`); ConfigError otherwise."""
+    from tfd.config import ConfigError, load_config
+    if getattr(args, "bench", None) is None:
+        args.bench = load_config(_config_files(args)).text_benchmark
     cfg, b = _cfg(args)
     if b.task != "text":
         raise ConfigError(f"`tfd {args.cmd}` applies to a text-to-image benchmark; {cfg.benchmark!r} is "
@@ -159,8 +162,14 @@ def cmd_prompts(args):
 
 
 def _positives_cfg(b, args):
-    """The positives settings: the benchmark's block, or run `--run`'s (with its overrides)."""
-    return b.positives_for(args.run) if getattr(args, "run", None) else b.positives
+    """The positives settings: the benchmark's block, or run `--run`'s (with its overrides);
+    ConfigError for a run that is not defined or does not train."""
+    from tfd.config import ConfigError
+    if not getattr(args, "run", None):
+        return b.positives
+    if not _run(b, args.run).trains:
+        raise ConfigError(f"run {args.run!r} is a sampler row: only training runs have positives settings")
+    return b.positives_for(args.run)
 
 
 def _paired_set(args, b):
@@ -185,6 +194,9 @@ def cmd_train_prompts(args):
         table = load_prompt_table(p.prompts_file)
     else:
         captions, _ = _captions_and_images(args, b)
+        if b.data.kind == "digits_text" and not getattr(args, "data_dir", None):
+            raise ConfigError("pass --data-dir (the embedded data folder of rule text_data, e.g. "
+                              f"results/{cfg.benchmark}/data): its captions are the training prompts")
         if not captions:
             raise ConfigError(f"benchmarks.{cfg.benchmark}.positives.prompts_file: required (a training prompt list, "
                               "e.g. LAION prompts) when the benchmark has no captions to draw from")
@@ -289,8 +301,14 @@ def cmd_distill(args):
         if not (args.train_prompts and args.positives):
             raise ConfigError(f"run {args.run!r} of the text benchmark {cfg.benchmark!r} needs --train-prompts and "
                               "--positives (rules train_prompts and merge_positives make them)")
+        from tfd.positives import positives_key
         train_table = load_prompt_table(args.train_prompts)
-        check_positives_prompts(args.positives, train_table)
+        meta = check_positives_prompts(args.positives, train_table)
+        want = positives_key(b.positives_for(args.run))
+        if meta.get("key") != want:
+            raise ConfigError(f"positives cache {args.positives} was made with other positives settings (key "
+                              f"{meta.get('key')}) than run {args.run!r} has now (key {want}): rebuild it "
+                              f"(rules positives_shard + merge_positives)")
         teacher = load_teacher(b, args.teacher, device, prompts=train_table)
     else:
         teacher = load_denoiser(args.teacher, device)
@@ -388,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--config", action="append", default=None,
                            help="config file (default: config.yaml); give it twice to merge an overlay over it, "
                                 "as snakemake --configfile does: --config config.yaml --config .test/config.yaml")
-            s.add_argument("--bench", default=None, help="benchmark to use (default: config's `benchmark`)")
+            s.add_argument("--bench", default=None, help="benchmark to use (default: config's `benchmark`; "
+                   "text-to-image commands: its `text_benchmark`)")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.set_defaults(fn=fn)
         return s
@@ -436,11 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-prompts", required=True, help="the training prompt table (tfd train-prompts)")
     s.add_argument("--latents", default=None, help="the paired latents (tfd latents); omit: all from the teacher")
     s.add_argument("--run", default=None, help="use this run's positives settings (its overrides)")
-    s.add_argument("--shard", default=None, help="k/n: shard k of n (zero-based) of the prompt rows")
-    s.add_argument("--out", required=True)
+    s.add_argument("--shard", default=None,
+                   help="k/n: shard k of n (zero-based) of the prompt rows (default: all rows, 0/1)")
+    s.add_argument("--out", required=True, help="the shard's safetensors (joined by tfd merge-positives)")
     s = add("merge-positives", cmd_merge_positives, "join positives shards into the cache", config=False)
-    s.add_argument("--out", required=True)
-    s.add_argument("parts", nargs="+")
+    s.add_argument("--out", required=True, help="the positives cache (safetensors)")
+    s.add_argument("parts", nargs="+", help="every shard file of one cache (any order)")
     s = add("train-vae", cmd_train_vae, "train the embedded text benchmark's tiny AutoencoderKL")
     s.add_argument("--data-dir", required=True)
     s.add_argument("--out", required=True, help="output folder (diffusers AutoencoderKL)")
@@ -456,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True,
                    help="the teacher: EDM-format safetensors, or a diffusers pipeline folder (text benchmarks)")
-    s.add_argument("--out-dir", required=True)
+    s.add_argument("--out-dir", required=True,
+                   help="the run's folder: generator.safetensors, ckpt/, stats.jsonl, train.json")
     s.add_argument("--steps", type=int, default=None, help="override train.steps")
     s.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     s.add_argument("--feature-weights", default=None, metavar="PATH",

@@ -169,8 +169,9 @@ class PositivesCfg:
     paired_fraction: float = 1.0
 
     def __post_init__(self):
-        if self.n_pos < 1 or self.steps < 1 or self.shards < 1 or self.num_prompts < 1:
-            raise ValueError("n_pos, steps, shards and num_prompts must be >= 1")
+        for key in ("n_pos", "steps", "shards", "num_prompts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"paired_fraction must be in [0, 1], got {self.paired_fraction}")
 
@@ -494,6 +495,14 @@ def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[s
                     f"{w}.eval.clip_checkpoint": b.eval.clip_checkpoint,
                     f"{w}.eval.clip_model_config": b.eval.clip_model_config})
         for r, run in b.runs.items():
+            if run.positives and run.trains and b.task == "text":  # a run's own positives files
+                try:
+                    p = b.positives_for(r)
+                except ConfigError:
+                    p = None  # reported by _check_bench
+                if p is not None:
+                    out.update({f"{w}.runs.{r}.positives.{k}": getattr(p, k)
+                                for k in ("prompts_file", "paired_captions_json", "paired_images_dir")})
             if run.method == "pipeline":
                 out.update({f"{w}.runs.{r}.sampler.pipeline": run.sampler.pipeline,
                             f"{w}.runs.{r}.sampler.unet": run.sampler.unet})
@@ -556,16 +565,46 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
     for r, run in b.runs.items():
         if run.method == "pipeline" and not text:
             problems.append(f"{w}.runs.{r}.method: 'pipeline' rows need a text benchmark (a diffusers teacher)")
+    if not text and b.positives != PositivesCfg():
+        problems.append(f"{w}.positives: only a text benchmark has teacher positives (its task is {b.task!r})")
+    seen = set()
     for r, run in b.runs.items():
         if run.positives and not (text and run.trains):
             problems.append(f"{w}.runs.{r}.positives: only a text benchmark's training runs take positives settings")
-        elif run.positives:
-            try:
-                b.positives_for(r)
-            except ConfigError as e:
+            continue
+        if not (text and run.trains):
+            if run.trains and (getattr(run.params, "generator_timestep", None) is not None
+                               or getattr(run.params, "sigma_grid", "karras") == "discrete"):
+                problems.append(f"{w}.runs.{r}.params: generator_timestep / sigma_grid 'discrete' need a "
+                                "discrete-time teacher (a text benchmark's diffusers UNet)")
+            continue
+        try:
+            p = b.positives_for(r)
+        except ConfigError as e:
+            if str(e) not in seen:  # ablation variants copy their base run's overrides: say it once
+                seen.add(str(e))
                 problems.append(f"{w}.{e}")
-    if bool(b.positives.paired_captions_json) != bool(b.positives.paired_images_dir):
-        problems.append(f"{w}.positives: paired_captions_json and paired_images_dir go together (the paired image set)")
+            continue
+        where = f"{w}.runs.{r}" if run.positives else f"{w}"
+        if bool(p.paired_captions_json) != bool(p.paired_images_dir):
+            problems.append(f"{where}.positives: paired_captions_json and paired_images_dir go together "
+                            "(the paired image set)")
+        if b.data.kind == "coco" and not p.prompts_file:
+            problems.append(f"{where}.positives.prompts_file: required for training runs on COCO (your training "
+                            "prompt list, e.g. LAION prompts; the COCO-2014 val captions are the evaluation set)")
+        t = getattr(run.params, "generator_timestep", None)
+        if t is not None and not 0 <= t < 1000:
+            problems.append(f"{w}.runs.{r}.params.generator_timestep: {t} is outside the teacher's timesteps 0..999")
+        g = getattr(run.params, "real_guidance", None)
+        if g is not None and g <= 0:
+            problems.append(f"{w}.runs.{r}.params.real_guidance: {g} must be > 0 (or null: no guidance)")
+        n = getattr(run.params, "n_pos", None)
+        if n is not None and n > p.n_pos:
+            problems.append(f"{w}.runs.{r}.params.n_pos: {n} positives per prompt, but the positives cache holds "
+                            f"{p.n_pos} (positives.n_pos)")
+        if p.shards > p.num_prompts and not p.prompts_file:
+            problems.append(f"{where}.positives.shards: {p.shards} shards for {p.num_prompts} prompts")
+    problems = list(dict.fromkeys(problems))  # a benchmark-level problem met through several runs: once
     for aname, abl in b.ablations.items():
         for bud in abl.budgets:
             if bud < 0:

@@ -437,7 +437,9 @@ def add_figure_commands(sub) -> None:
     s.add_argument("--title", required=True)
     s.add_argument("--budgets", type=float, nargs="*", default=[], help="iteration budgets to mark")
     s.set_defaults(fn=_cmd_ablation)
-    s = sub.add_parser("prompts", help="text-to-image comparison: a row per prompt, a column per method (paper Fig. 1)")
+    s = sub.add_parser("prompts", help="text-to-image comparison: a row per prompt, a column per method (paper Fig. 1)",
+                       description="Text-to-image comparison grid (the TFD paper's Figure 1): one row per prompt with "
+                                   "its caption underneath, one column per sample file.")
     s.add_argument("--samples", type=parse_label_path, nargs="+", required=True, metavar="LABEL=NPZ",
                    help="one or more LABEL=NPZ (split at the last '='), one column each, in order")
     s.add_argument("--prompts", required=True, help="prompt table (.jsonl/.csv/.txt/.pkl) giving the captions")

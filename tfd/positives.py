@@ -319,9 +319,13 @@ class PositivesSampler:
     [G, k, C, h, w], prompt ids [G]): prompts without replacement when G <= P; within a prompt a
     random permutation of its N+ positives, repeated when k > N+ (so with the paper's N+ = 4 and 4
     positives + 4 anchors, the anchors are the positives in another order). `random_conditions(n)`
-    draws prompt ids uniformly with replacement. Every draw uses `generator` (checkpointed)."""
+    draws prompt ids uniformly with replacement. Every draw uses `generator` (checkpointed). The
+    cache stays where it is (CPU memory); the draws are moved to `device` (a 100k-prompt SDXL cache
+    is 105 GB of float32 latents: far more than a GPU holds)."""
 
-    def __init__(self, latents: torch.Tensor, prompt_ids: torch.Tensor, generator: torch.Generator):
+    def __init__(self, latents: torch.Tensor, prompt_ids: torch.Tensor, generator: torch.Generator,
+                 device="cpu"):
+        self.device = device
         if latents.ndim < 3 or len(latents) != len(prompt_ids) or len(latents) == 0:
             raise ValueError(f"positives: latents {tuple(latents.shape)} do not match prompt ids "
                              f"{tuple(prompt_ids.shape)}")
@@ -330,12 +334,12 @@ class PositivesSampler:
 
     @classmethod
     def from_file(cls, path, generator: torch.Generator, device="cpu") -> "PositivesSampler":
+        """The cache at `path`, kept in CPU memory; each draw is moved to `device`."""
         tensors, _ = load_positives(path)
-        return cls(tensors["latents"].to(device), tensors["prompt_ids"].to(device), generator)
+        return cls(tensors["latents"], tensors["prompt_ids"], generator, device=device)
 
     def random_conditions(self, n: int) -> torch.Tensor:
-        return self.prompt_ids[torch.randint(len(self.prompt_ids), (n,), generator=self.generator).to(
-            self.prompt_ids.device)]
+        return self.prompt_ids[torch.randint(len(self.prompt_ids), (n,), generator=self.generator)].to(self.device)
 
     def sample(self, G: int, k: int, conditions: torch.Tensor | None = None):
         P, n_pos = self.latents.shape[:2]
@@ -351,6 +355,5 @@ class PositivesSampler:
         for _ in range(len(rows)):
             perm = torch.randperm(n_pos, generator=self.generator)
             picks.append(perm.repeat(math.ceil(k / n_pos))[:k])
-        idx = torch.stack(picks).to(self.latents.device)
-        rows = rows.to(self.latents.device)
-        return self.latents[rows[:, None], idx], self.prompt_ids[rows]
+        idx = torch.stack(picks)
+        return self.latents[rows[:, None], idx].to(self.device), self.prompt_ids[rows].to(self.device)

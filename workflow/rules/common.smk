@@ -211,6 +211,14 @@ def positives_run(bench, kind, path):
     raise WorkflowError(f"no training run of {bench} reads the {kind} cache {path}")
 
 
+def train_prompts_inputs(wildcards):
+    """The inputs of train_prompts (the training prompt table): the prompt list of the runs' positives settings, or the benchmark's captions."""
+    tb = TEXT_BENCH
+    path = f"results/{tb}/train_prompts/{wildcards.pkey}.jsonl"
+    p = BENCHES[tb].positives_for(positives_run(tb, "train_prompts", path))
+    return {"file": p.prompts_file} if p.prompts_file else text_data(tb, images=False)
+
+
 def positives_shard_inputs(wildcards):
     """What one positives shard of the text benchmark reads: teacher, training prompts, paired latents."""
     tb = TEXT_BENCH

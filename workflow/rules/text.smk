@@ -70,7 +70,7 @@ if TEXT_CFG is not None:
     # shape it, so every run and sweep with the same positives settings shares one cache.
     rule train_prompts:
         input:
-            **({"file": TEXT_CFG.positives.prompts_file} if TEXT_CFG.positives.prompts_file else text_data(TB, images=False)),
+            unpack(train_prompts_inputs),
         output:
             f"results/{TB}/train_prompts/{{pkey}}.jsonl",
         params:
