@@ -145,4 +145,5 @@ def test_convergence_hook_builds_its_extractor_on_the_trainer_device(monkeypatch
                                              convergence_samples=4, batch_size=2, base_seed=0),
                         channels=1, resolution=8, num_classes=10, task="class")
     C.convergence_eval_fn(b, "w.safetensors", "ref.npz", None, None, device="cuda")
-    assert build.calls[0][1] == {"weights_path": "w.safetensors", "device": "cuda"}
+    assert build.calls[0][1] == {"weights_path": "w.safetensors", "device": "cuda",
+                                 "digits_input_size": 8}  # the benchmark's resolution (digits-text: 32)
