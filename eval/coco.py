@@ -151,7 +151,7 @@ def _first_files(table: PromptTable) -> list[str]:
     return [f[0] for f in table.file_names]
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
+def read_image(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 RGB [size, size, 3] (PIL convert RGB, then `crop_resize`);
     FileNotFoundError naming the file."""
     from PIL import Image
@@ -170,7 +170,7 @@ def iter_real_images(table: PromptTable, images_dir: str | os.PathLike, size: in
     files = _first_files(table)
     root = Path(images_dir)
     for start in range(0, len(files), batch_size):
-        yield np.stack([_read_image(root / f, size) for f in files[start:start + batch_size]])
+        yield np.stack([read_image(root / f, size) for f in files[start:start + batch_size]])
 
 
 def load_real_images(table: PromptTable, images_dir: str | os.PathLike, size: int) -> np.ndarray:
@@ -193,4 +193,4 @@ def load_image_folder(images_dir: str | os.PathLike, size: int) -> np.ndarray:
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {root}")
-    return np.stack([_read_image(p, size) for p in files])
+    return np.stack([read_image(p, size) for p in files])

@@ -118,9 +118,7 @@ def encode_paired_latents(pipeline_folder, captions_json, images_dir, out, resol
     (`eval.clip_score.crop_resize`), in [-1, 1]; latents = posterior mean x scaling factor
     (`DiffusersDenoiser.encode`), float32 [N, C, resolution/f, resolution/f]. Metadata: format,
     image ids, captions (normalised), the inputs. FileNotFoundError naming a missing image."""
-    from PIL import Image
-
-    from eval.clip_score import crop_resize
+    from eval.coco import read_image
     from eval.io import provenance
     from tfd.diffusers_denoiser import load_diffusers_denoiser
 
@@ -131,13 +129,7 @@ def encode_paired_latents(pipeline_folder, captions_json, images_dir, out, resol
     root = Path(images_dir)
     chunks = []
     for s in tqdm(range(0, len(pairs), batch_size), desc="encode paired images", disable=not progress):
-        imgs = []
-        for _, name, _ in pairs[s:s + batch_size]:
-            path = root / name
-            if not path.is_file():
-                raise FileNotFoundError(f"paired image not found: {path} (listed in {captions_json})")
-            with Image.open(path) as im:
-                imgs.append(np.asarray(crop_resize(np.asarray(im.convert("RGB")), resolution)))
+        imgs = [read_image(root / name, resolution) for _, name, _ in pairs[s:s + batch_size]]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
         chunks.append(den.encode(x).cpu())
     latents = torch.cat(chunks).contiguous()
@@ -284,6 +276,13 @@ def load_positives(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a positives cache; FileNotFoundError / ValueError naming the file."""
     from safetensors.torch import load_file
 
+    meta = positives_metadata(path)
+    return load_file(str(path)), meta
+
+
+def positives_metadata(path) -> dict:
+    """The metadata of a positives cache, without reading its tensors; FileNotFoundError /
+    ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"positives cache not found: {path} (made by rules positives_shard + merge_positives)")
@@ -291,19 +290,13 @@ def load_positives(path) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("format") != FORMAT_POSITIVES:
         raise ValueError(f"{path}: not a positives cache (format {meta.get('format')!r}, "
                          f"expected {FORMAT_POSITIVES!r})")
-    return load_file(str(path)), meta
+    return meta
 
 
 def check_positives_prompts(path, table: PromptTable) -> dict:
     """The metadata of positives cache `path`; ValueError naming both files when the cache was made
     for another training prompt table than `table` (its `prompts_sha256`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"positives cache not found: {path} (made by rules positives_shard + merge_positives)")
-    meta = read_safetensors_metadata(path)
-    if meta.get("format") != FORMAT_POSITIVES:
-        raise ValueError(f"{path}: not a positives cache (format {meta.get('format')!r}, "
-                         f"expected {FORMAT_POSITIVES!r})")
+    meta = positives_metadata(path)
     if meta.get("prompts_sha256") != table.sha256:
         raise ValueError(f"positives cache {path} was made for another training prompt table than "
                          f"{table.source or '(in memory)'} (sha256 {str(meta.get('prompts_sha256'))[:12]} vs "
