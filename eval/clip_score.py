@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from eval.errors import UserError
 from eval.io import file_sha256
 
 DEFAULTS = dict(clip_model="ViT-g-14", clip_resize=256, clip_prefix="A photo depicts ")
@@ -41,15 +42,15 @@ def check_tokenizer(tokenizer, model=None) -> int:
     if vs is None and inner is not None:
         vs = getattr(inner, "vocab_size", None) or (len(inner) if hasattr(inner, "__len__") else None)
     if vs is None or vs <= 1000:
-        raise RuntimeError(f"CLIP tokenizer looks broken: vocabulary size {vs} (expected tens of thousands)")
+        raise UserError(f"CLIP tokenizer looks broken: vocabulary size {vs} (expected tens of thousands)")
     a, b = tokenizer(["a red square", "a photo of a dog on a beach"])
     if torch.equal(a, b):
-        raise RuntimeError("CLIP tokenizer looks broken: two different captions give identical tokens")
+        raise UserError("CLIP tokenizer looks broken: two different captions give identical tokens")
     if model is not None:
         emb = getattr(model, "token_embedding", None)
         n_emb = emb.num_embeddings if emb is not None else getattr(model, "vocab_size", None)
         if n_emb is not None and int(torch.stack([a, b]).max()) >= n_emb:
-            raise RuntimeError(f"CLIP tokenizer produces ids >= the model's embedding table ({n_emb})")
+            raise UserError(f"CLIP tokenizer produces ids >= the model's embedding table ({n_emb})")
     return int(vs)
 
 
@@ -127,7 +128,7 @@ class ClipScorer:
     @torch.no_grad()
     def cosines(self, images_u8_nhwc: np.ndarray, captions: Sequence[str], batch_size: int = 32) -> np.ndarray:
         if len(images_u8_nhwc) != len(captions):
-            raise ValueError(f"{len(images_u8_nhwc)} images but {len(captions)} captions")
+            raise UserError(f"{len(images_u8_nhwc)} images but {len(captions)} captions")
         out = []
         for i in range(0, len(captions), batch_size):
             img = self.image_tensor(images_u8_nhwc[i:i + batch_size]).to(self.device)

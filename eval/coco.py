@@ -32,6 +32,7 @@ import numpy as np
 
 from eval.clip_score import crop_resize
 from eval.conditions import PromptTable
+from eval.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def load_coco(captions_json: str | os.PathLike):
         with contextlib.redirect_stdout(out):
             coco = COCO(str(path))
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
     finally:
         for line in out.getvalue().splitlines():
             log.debug("pycocotools: %s", line)
@@ -65,7 +66,7 @@ def _caption(coco, ann_id: int, path: Path) -> str:
     the file and the annotation when the `caption` key is missing or not a non-empty string."""
     text = coco.anns[ann_id].get("caption")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{path}: annotation {ann_id} has no caption (key 'caption': {text!r})")
+        raise UserError(f"{path}: annotation {ann_id} has no caption (key 'caption': {text!r})")
     return text.strip()
 
 
@@ -73,7 +74,7 @@ def _file_name(coco, image_id: int, path: Path) -> str:
     """The `file_name` of image `image_id`; ValueError naming the file and image when missing."""
     name = coco.imgs[image_id].get("file_name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{path}: image {image_id} has no 'file_name'")
+        raise UserError(f"{path}: image {image_id} has no 'file_name'")
     return name
 
 
@@ -107,7 +108,7 @@ def build_coco_prompts(captions_json: str | os.PathLike, num_prompts: int, seed:
     coco = load_coco(path)
     ids = sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=[i]))
     if not isinstance(num_prompts, (int, np.integer)) or not 1 <= num_prompts <= len(ids):
-        raise ValueError(f"{path}: num_prompts must be in 1..{len(ids)} (the number of captioned images), "
+        raise UserError(f"{path}: num_prompts must be in 1..{len(ids)} (the number of captioned images), "
                          f"got {num_prompts!r}")
     rng = np.random.default_rng(seed)
     chosen = sorted(int(ids[k]) for k in rng.choice(len(ids), size=int(num_prompts), replace=False))
@@ -132,7 +133,7 @@ def crop_resize_batch(images_u8_nhwc: np.ndarray, size: int) -> np.ndarray:
     if a.dtype != np.uint8:
         raise TypeError(f"crop_resize_batch expects uint8 images, got {a.dtype}")
     if a.ndim != 4 or a.shape[3] not in (1, 3):
-        raise ValueError(f"crop_resize_batch expects NHWC images with 1 or 3 channels, got shape {a.shape}")
+        raise UserError(f"crop_resize_batch expects NHWC images with 1 or 3 channels, got shape {a.shape}")
     out = np.empty((len(a), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(a):
         out[i] = np.asarray(crop_resize(img, size))
@@ -142,11 +143,11 @@ def crop_resize_batch(images_u8_nhwc: np.ndarray, size: int) -> np.ndarray:
 def _first_files(table: PromptTable) -> list[str]:
     """Each row's first file name; ValueError naming the table when it has none for some row."""
     if not table.file_names:
-        raise ValueError(f"prompt table {table.source or '(in memory)'} has no image file names (build it with "
+        raise UserError(f"prompt table {table.source or '(in memory)'} has no image file names (build it with "
                          f"eval.coco.build_coco_prompts, or use the image folder directly)")
     empty = [r for r, f in enumerate(table.file_names) if not f]
     if empty:
-        raise ValueError(f"prompt table {table.source or '(in memory)'}: {len(empty)} rows have no image file "
+        raise UserError(f"prompt table {table.source or '(in memory)'}: {len(empty)} rows have no image file "
                          f"(first: row {empty[0]}, id {table.ids[empty[0]]})")
     return [f[0] for f in table.file_names]
 

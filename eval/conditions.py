@@ -23,6 +23,8 @@ from typing import Optional
 
 import numpy as np
 
+from eval.errors import UserError
+
 
 @dataclass(frozen=True)
 class ClassConditions:
@@ -72,15 +74,15 @@ class PromptTable:
     def __post_init__(self):
         name = self.source or "(in memory)"
         if len(self.ids) != len(self.texts):
-            raise ValueError(f"prompt table {name}: {len(self.ids)} ids for {len(self.texts)} texts")
+            raise UserError(f"prompt table {name}: {len(self.ids)} ids for {len(self.texts)} texts")
         if not self.ids:
-            raise ValueError(f"prompt table {name} is empty")
+            raise UserError(f"prompt table {name} is empty")
         if len(set(self.ids)) != len(self.ids):
-            raise ValueError(f"prompt table {name}: duplicate prompt ids")
+            raise UserError(f"prompt table {name}: duplicate prompt ids")
         for key in ("image_ids", "file_names"):
             rows = getattr(self, key)
             if rows and len(rows) != len(self.ids):
-                raise ValueError(f"prompt table {name}: {key} has {len(rows)} rows, expected {len(self.ids)}")
+                raise UserError(f"prompt table {name}: {key} has {len(rows)} rows, expected {len(self.ids)}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -136,7 +138,7 @@ def _str_tuple(value, path: Path, n: int, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
-        raise ValueError(f"{path}:{n}: '{key}' must be a list of strings, got {value!r}")
+        raise UserError(f"{path}:{n}: '{key}' must be a list of strings, got {value!r}")
     return tuple(str(v) for v in value)
 
 
@@ -151,7 +153,7 @@ def _read_jsonl(path: Path) -> tuple[list, list, list, list]:
             ids.append(int(row["id"]))
             texts.append(str(row["text"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'text' ({e})") from None
+            raise UserError(f"{path}:{n}: expected a JSON object with 'id' and 'text' ({e})") from None
         images.append(_str_tuple(row.get("image_ids"), path, n, "image_ids"))
         files.append(_str_tuple(row.get("file_names"), path, n, "file_names"))
     return ids, texts, images, files
@@ -163,12 +165,12 @@ def _read_csv(path: Path) -> tuple[list, list, list, list]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"id", "text"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs the columns 'id' and 'text' (found {reader.fieldnames})")
+            raise UserError(f"{path}: needs the columns 'id' and 'text' (found {reader.fieldnames})")
         for n, row in enumerate(reader, 2):
             try:
                 ids.append(int(row["id"]))
             except ValueError:
-                raise ValueError(f"{path}:{n}: id {row['id']!r} is not an integer") from None
+                raise UserError(f"{path}:{n}: id {row['id']!r} is not an integer") from None
             texts.append(row["text"])
             images.append(tuple(v for v in (row.get("image_ids") or "").split(";") if v))
             files.append(tuple(v for v in (row.get("file_names") or "").split(";") if v))
@@ -195,13 +197,13 @@ def _read_pkl(path: Path) -> list[str]:
         with path.open("rb") as f:
             obj = _CaptionUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
-        raise ValueError(f"{path}: not a pickled list of caption strings ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a pickled list of caption strings ({type(e).__name__}: {e})") from None
     if not isinstance(obj, (list, tuple)):
-        raise ValueError(f"{path}: expected a pickled list of caption strings (DMD2's all_prompts.pkl), "
+        raise UserError(f"{path}: expected a pickled list of caption strings (DMD2's all_prompts.pkl), "
                          f"got a {type(obj).__name__}")
     for i, t in enumerate(obj):
         if not isinstance(t, str):
-            raise ValueError(f"{path}: element {i} of the caption list is a {type(t).__name__}, not a str")
+            raise UserError(f"{path}: element {i} of the caption list is a {type(t).__name__}, not a str")
     return list(obj)
 
 
@@ -223,7 +225,7 @@ def load_prompt_table(path: str | Path) -> PromptTable:
     if not path.is_file():
         raise FileNotFoundError(f"prompt table not found: {path}")
     if path.suffix not in _READERS:
-        raise ValueError(f"{path}: unknown prompt table format {path.suffix!r} (use {', '.join(_READERS)})")
+        raise UserError(f"{path}: unknown prompt table format {path.suffix!r} (use {', '.join(_READERS)})")
     if path.suffix in (".txt", ".pkl"):
         texts = _READERS[path.suffix](path)
         return PromptTable(tuple(range(len(texts))), tuple(texts), source=str(path))

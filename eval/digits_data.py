@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from eval.errors import UserError
+
 
 def digits_arrays(split: str = "all", holdout: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes) scaled to [-1, 1].
@@ -32,4 +34,4 @@ def digits_arrays(split: str = "all", holdout: float = 0.2, seed: int = 0) -> tu
         return x[~test], y[~test]
     if split == "test":
         return x[test], y[test]
-    raise ValueError(f"unknown split {split!r}: expected 'all', 'train' or 'test'")
+    raise UserError(f"unknown split {split!r}: expected 'all', 'train' or 'test'")

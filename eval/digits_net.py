@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eval.digits_data import digits_arrays
-from eval.io import atomic_save_safetensors, file_sha256, read_safetensors_metadata
+from eval.errors import UserError
+from eval.io import atomic_save_safetensors, file_sha256, load_safetensors, read_safetensors_metadata
 from eval.sample import dequantise_edm
 
 FORMAT = "tfd-digits-net-v1"
@@ -170,17 +171,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def load_digits_net(path: str | os.PathLike, device: str | torch.device = "cpu") -> DigitsNet:
     """Load a network saved by `train_digits_net` (eval mode, no grad). Missing file ->
     FileNotFoundError naming the path and the DAG rule that builds it."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise missing_net_error(path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a digits feature network (metadata format={meta.get('format')!r}, "
+        raise UserError(f"{path}: not a digits feature network (metadata format={meta.get('format')!r}, "
                          f"expected {FORMAT!r}); rebuild it with `rule {DAG_RULE}`")
     net = DigitsNet(**json.loads(meta["arch"]))
-    net.load_state_dict(load_file(str(path)), strict=True)
+    net.load_state_dict(load_safetensors(path, "digits feature network")[0], strict=True)
     net.test_acc = float(meta.get("test_acc", "nan"))
     net.requires_grad_(False)
     return net.eval().to(device)

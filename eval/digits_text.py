@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.errors import UserError
 from eval.io import atomic_directory, atomic_write_json
 
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,7 +58,7 @@ def ink_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     x = np.asarray(x, dtype=np.float64)
     mass = x.sum(axis=(1, 2))
     if np.any(mass <= 0):
-        raise ValueError(f"digit image {int(np.argmin(mass))} has no ink")
+        raise UserError(f"digit image {int(np.argmin(mass))} has no ink")
     yy, xx = np.mgrid[0:x.shape[1], 0:x.shape[2]].astype(np.float64)
     p = x / mass[:, None, None]
     mx, my = (p * xx).sum(axis=(1, 2)), (p * yy).sum(axis=(1, 2))
@@ -130,7 +131,7 @@ def upsample_digits(x: np.ndarray, size: int = 32) -> np.ndarray:
     from PIL import Image
 
     if not isinstance(size, (int, np.integer)) or size < 8 or size % 8:
-        raise ValueError(f"digits-text image size must be a positive multiple of 8, got {size!r}")
+        raise UserError(f"digits-text image size must be a positive multiple of 8, got {size!r}")
     out = np.empty((len(x), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(np.asarray(x, dtype=np.float32)):
         f = Image.fromarray(img * np.float32(255 / 16)).resize((size, size), Image.BICUBIC)
@@ -223,14 +224,14 @@ def digits_text_arrays(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[lis
     for image_id in sorted(coco.getImgIds()):
         rec = coco.imgs[image_id]
         if "label" not in rec or "file_name" not in rec:
-            raise ValueError(f"{path}: image {image_id} lacks the key 'label' or 'file_name'")
+            raise UserError(f"{path}: image {image_id} lacks the key 'label' or 'file_name'")
         png = root / IMAGES_DIR / rec["file_name"]
         if not png.is_file():
             raise FileNotFoundError(f"digits-text image not found: {png} (listed in {path})")
         with Image.open(png) as im:
             images.append(np.asarray(im.convert("RGB")))
         if images[-1].shape != images[0].shape:
-            raise ValueError(f"{path}: image {image_id} ({png.name}) is {images[-1].shape}, others {images[0].shape}")
+            raise UserError(f"{path}: image {image_id} ({png.name}) is {images[-1].shape}, others {images[0].shape}")
         captions.append([coco.anns[a]["caption"] for a in sorted(coco.getAnnIds(imgIds=[image_id]))])
         labels.append(int(rec["label"]))
     return np.stack(images), captions, np.asarray(labels, dtype=np.int64)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from eval.digits_net import load_digits_net, missing_net_error
+from eval.errors import UserError
 from eval.io import file_sha256, temp_path
 from eval.sample import dequantise_edm, quantise_edm
 
@@ -62,7 +63,7 @@ def _as_u8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4:
-            raise ValueError(f"expected NHWC images, got shape {images.shape}")
+            raise UserError(f"expected NHWC images, got shape {images.shape}")
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
@@ -79,9 +80,9 @@ def _gray(u8: torch.Tensor) -> torch.Tensor:
         return u8
     if u8.shape[1] == 3:
         if not (torch.equal(u8[:, 0], u8[:, 1]) and torch.equal(u8[:, 0], u8[:, 2])):
-            raise ValueError("the digits network is grayscale: got RGB images whose channels differ")
+            raise UserError("the digits network is grayscale: got RGB images whose channels differ")
         return u8[:, :1]
-    raise ValueError(f"expected 1 or 3 channels, got {u8.shape[1]}")
+    raise UserError(f"expected 1 or 3 channels, got {u8.shape[1]}")
 
 
 def _rgb(u8: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ def _rgb(u8: torch.Tensor) -> torch.Tensor:
         return u8
     if u8.shape[1] == 1:
         return u8.expand(-1, 3, -1, -1)
-    raise ValueError(f"expected 1 or 3 channels, got {u8.shape[1]}")
+    raise UserError(f"expected 1 or 3 channels, got {u8.shape[1]}")
 
 
 def _config_path(config: Mapping | None, key: str, what: str) -> Path:
@@ -147,7 +148,7 @@ def _digits_block(side: int) -> int:
     """The area-averaging factor `side // 8` for square inputs of `side` (8, 16, 24, 32, ...);
     ValueError naming the size otherwise."""
     if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 8 or side % 8:
-        raise ValueError(f"the digits network takes square images whose side is a multiple of 8 "
+        raise UserError(f"the digits network takes square images whose side is a multiple of 8 "
                          f"(8x8, 16x16, 32x32, ...): got size {side!r}")
     return int(side) // 8
 
@@ -163,13 +164,13 @@ def digits_input_8x8(u8: torch.Tensor, input_size: int = 8) -> torch.Tensor:
     k = _digits_block(input_size)
     b, c, h, w = u8.shape
     if (h, w) != (input_size, input_size):
-        raise ValueError(f"the digits extractor was built for {input_size}x{input_size} images (input_size), "
+        raise UserError(f"the digits extractor was built for {input_size}x{input_size} images (input_size), "
                          f"got {h}x{w}" + ("" if h == w and h % 8 == 0 and h >= 8 else
                                             ": the side must be a multiple of 8 (8x8, 16x16, 32x32, ...)"))
     if k == 1:
         return _gray(u8)
     if c not in (1, 3):
-        raise ValueError(f"expected 1 or 3 channels, got {c}")
+        raise UserError(f"expected 1 or 3 channels, got {c}")
     n = c * k * k
     sums = u8.to(torch.int64).reshape(b, c, 8, k, 8, k).sum(dim=(1, 3, 5))
     return torch.div(2 * sums + n, 2 * n, rounding_mode="floor").to(torch.uint8)[:, None]
@@ -363,7 +364,7 @@ class CleanFidInception(FeatureExtractor):
         from cleanfid.resize import build_resizer
 
         if mode not in ("clean", "legacy_tensorflow"):
-            raise ValueError(f"cleanfid_mode must be 'clean' or 'legacy_tensorflow', got {mode!r}")
+            raise UserError(f"cleanfid_mode must be 'clean' or 'legacy_tensorflow', got {mode!r}")
         self.weights_path = Path(weights_path)
         sha = file_sha256(self.weights_path)
         self.model = InceptionV3W(str(cleanfid_model_dir(self.weights_path, link_root)), download=False,

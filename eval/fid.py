@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from eval.io import atomic_savez
+from eval.errors import BadFile, UserError
+from eval.io import atomic_savez, read_npz
 
 EXTERNAL = "external"
 # provenance fields that must agree between sample features and reference statistics
@@ -36,7 +37,7 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`(mu [D], sigma [D,D])` in float64; sigma = (F^T F - N mu mu^T)/(N-1) = np.cov(F, rowvar=False)."""
     f = np.asarray(feats, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need features [N>=2, D], got shape {f.shape}")
+        raise UserError(f"need features [N>=2, D], got shape {f.shape}")
     mu = f.mean(axis=0)
     fc = f - mu
     sigma = fc.T @ fc / (f.shape[0] - 1)
@@ -66,7 +67,7 @@ class RunningStats:
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
-            raise ValueError("need at least 2 samples")
+            raise UserError("need at least 2 samples")
         m = self.s1 / self.n
         sigma = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
         return m + self.shift, sigma
@@ -118,22 +119,61 @@ def save_ref_stats(path: str | os.PathLike, mu, sigma, provenance: dict, feature
 
 
 def load_ref_stats(path: str | os.PathLike) -> dict:
-    """-> dict(mu, sigma, provenance (dict, or "external" for files without one, e.g. EDM's
-    `imagenet-64x64.npz`), features (array or None), path)."""
+    """Read and check a reference-statistics npz (the one reader of the format): -> dict(mu [D]
+    float64, sigma [D, D] float64, provenance (dict, or "external" for files without one, e.g.
+    EDM's `imagenet-64x64.npz`), features ([N, D] float32 or None), path).
+
+    Refused with `BadFile` naming the file and the array: not a readable npz, no `mu`/`sigma`,
+    shapes that do not agree (`mu` [D], `sigma` [D, D], `features` [N, D]), any NaN/inf in them, a
+    provenance that is not JSON. FileNotFoundError when missing."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        if "mu" not in z or "sigma" not in z:
-            raise ValueError(f"{path}: not a reference-statistics npz (needs `mu` and `sigma`; has {list(z.keys())})")
-        out = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64), path=str(path),
-                   provenance=json.loads(str(z["provenance"])) if "provenance" in z else EXTERNAL,
-                   features=z["features"] if "features" in z else None)
+    z = read_npz(path, "reference statistics")
+    if "mu" not in z or "sigma" not in z:
+        raise BadFile(path, "not a reference-statistics npz", expected="arrays `mu` and `sigma`",
+                      found=f"keys {sorted(z)}")
+    out = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64), path=str(path),
+               provenance=str(z["provenance"]) if "provenance" in z else EXTERNAL, features=z.get("features"))
+    if out["provenance"] != EXTERNAL:
+        try:
+            out["provenance"] = json.loads(out["provenance"])
+        except json.JSONDecodeError as e:
+            raise BadFile(path, "provenance is not JSON", key="provenance", found=str(e)) from None
+    mu, sigma, feats = out["mu"], out["sigma"], out["features"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise BadFile(path, "shapes do not agree", key="mu/sigma", expected="mu [D], sigma [D, D]",
+                      found=f"mu {mu.shape}, sigma {sigma.shape}")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != len(mu)):
+        raise BadFile(path, "shapes do not agree", key="features", expected=f"[N, {len(mu)}]",
+                      found=str(feats.shape))
+    for key, a in (("mu", mu), ("sigma", sigma), ("features", feats)):
+        if a is not None and not np.isfinite(a).all():
+            raise BadFile(path, "non-finite values", key=key, expected="finite numbers",
+                          found=f"{int((~np.isfinite(a)).sum())} NaN/inf of {a.size}",
+                          hint="rebuild the reference statistics (tfd ref-stats)")
     return out
 
 
-class ProvenanceMismatch(ValueError):
-    pass
+def check_ref_stats(path: str | os.PathLike, metrics, dim: int | None = None) -> dict:
+    """Check reference statistics for a scoring call before any feature is computed: readable and
+    finite (`load_ref_stats`), of the extractor's feature dimension `dim`, and holding reference
+    features when one of `metrics` (registry names) needs them (precision/recall). Returns the
+    loaded statistics; BadFile naming the file otherwise."""
+    from eval.metrics import METRICS
+
+    ref = load_ref_stats(path)
+    if dim is not None and ref["mu"].shape != (dim,):
+        raise BadFile(path, "wrong feature dimension", key="mu", expected=f"{dim} (the configured extractor's)",
+                      found=str(ref["mu"].shape[0]))
+    need = [m for m in metrics if m in METRICS and "pr" in METRICS[m].needs]
+    if need and ref["features"] is None:
+        raise BadFile(path, f"{', '.join(need)} need the reference features, but the file stores only mu/sigma",
+                      key="features", hint="rebuild it with `tfd ref-stats` (which stores them), or drop "
+                      "precision/recall from eval.metrics")
+    return ref
+
+
+class ProvenanceMismatch(UserError):
+    """Sample features and reference statistics come from different feature extractors."""
 
 
 def check_provenance(sample_prov: dict, ref_prov: dict | str, ref_path: str = "") -> None:

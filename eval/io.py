@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from eval.errors import BadFile
+
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 
@@ -100,12 +102,54 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(tmp, "wb") as raw:
+            f = _ErrnoKeepingFile(raw)
+            try:
+                write(f)
+            except Exception as e:  # a writer that wraps the OSError (torch.save: "inline_container.cc")
+                if f.os_error is not None and not isinstance(e, OSError):
+                    raise OSError(f.os_error.errno, f.os_error.strerror, str(path)) from e
+                raise
         os.replace(tmp, path)
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+    return path
+
+
+class _ErrnoKeepingFile:
+    """A binary file whose `write` remembers the OSError it raised (disk full, file too large), so
+    `atomic_write` can report it even when the writer (torch.save's C++ zip writer) replaces it
+    with its own error."""
+
+    def __init__(self, f):
+        self._f, self.os_error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.os_error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` (a folder) if needed and check that a file can be created in it, before any
+    work starts. Returns it as a Path; raises `eval.errors.BadFile` naming the folder otherwise
+    (permission, read-only file system, a file in the way)."""
+    from eval.errors import BadFile
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise BadFile(path, f"{what} is not writable", found=e.strerror or type(e).__name__) from None
     return path
 
 
@@ -199,13 +243,77 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 SAFETENSORS_META_KEY = "tfd"
 
 
+def read_npz(path: str | os.PathLike, what: str) -> dict:
+    """All arrays of an npz file (read eagerly, no pickles): {name: np.ndarray}. FileNotFoundError
+    naming `what` (e.g. "sample file") when missing; `BadFile` naming the file when it is not a
+    readable npz (truncated, damaged: zip CRC errors included). The format readers (samples,
+    reference statistics) check the arrays themselves."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, f"{what} not found", str(path))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the machine's (permission, I/O), not the file's
+            raise
+        raise BadFile(path, f"not a readable npz ({what}; truncated or damaged)",
+                      found=f"{type(e).__name__}: {e}") from None
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """Hex sha256 of a {name: torch.Tensor} dict's contents: per name in sorted order its name,
+    dtype, shape and raw bytes (any dtype, bf16 included). Stored by `atomic_save_safetensors` and
+    verified by `load_safetensors`: safetensors itself has no checksum, so a flipped byte in a
+    tensor would otherwise load silently."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Write `tensors` ({name: contiguous CPU torch.Tensor}) as safetensors with `metadata`
-    (JSON-able values) under `SAFETENSORS_META_KEY`, atomically; byte-reproducible."""
+    (JSON-able values) and the tensors' checksum `tensors_sha256` under `SAFETENSORS_META_KEY`,
+    atomically; byte-reproducible."""
     from safetensors.torch import save
 
-    meta = {SAFETENSORS_META_KEY: json.dumps(metadata, sort_keys=True, default=json_default)}
+    meta = {SAFETENSORS_META_KEY: json.dumps({**metadata, "tensors_sha256": tensors_sha256(tensors)},
+                                             sort_keys=True, default=json_default)}
     return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "") -> tuple[dict, dict[str, Any]]:
+    """Read a safetensors file written by the suite (or another tool): -> ({name: CPU tensor},
+    metadata as `read_safetensors_metadata` gives it). `BadFile` naming the file (and `what` it is)
+    when it is missing, its header or tensors are unreadable (truncated, damaged), or the stored
+    `tensors_sha256` does not match its tensors (flipped bytes); files without a checksum (older
+    or foreign ones) load unverified."""
+    from safetensors.torch import load_file
+
+    from eval.errors import BadFile
+
+    label = f"{what} " if what else ""
+    if not Path(path).is_file():
+        raise FileNotFoundError(2, f"{label}file not found".strip().capitalize(), str(path))
+    meta = read_safetensors_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error types
+        raise BadFile(path, f"{label}tensors not readable (truncated or damaged file)", found=e) from None
+    want = meta.get("tensors_sha256") if isinstance(meta, dict) else None
+    if want and tensors_sha256(tensors) != want:
+        raise BadFile(path, f"{label}checksum mismatch: the tensors were changed after the file was written "
+                      "(damaged copy or disk)", key="tensors_sha256", hint="rebuild or copy it again")
+    return tensors, meta
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -218,12 +326,12 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise BadFile(path, "not a readable safetensors file", found=e) from None
     if SAFETENSORS_META_KEY in meta:
         try:
             return json.loads(meta[SAFETENSORS_META_KEY])
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: metadata key {SAFETENSORS_META_KEY!r} is not JSON ({e})") from None
+            raise BadFile(path, "metadata is not JSON", key=SAFETENSORS_META_KEY, found=e) from None
     return meta
 
 

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from eval.errors import UserError
+
 PR_K = 3
 GENERIC = ("fid", "precision", "recall")
 FEATURE_INPUTS = ("features", "ref", "pr")
@@ -96,7 +98,7 @@ def class_acc(classifier: tuple, images: np.ndarray, labels: np.ndarray | None) 
     """Share of samples whose digits-classifier argmax equals the label. `classifier` =
     (extractor with `.logits(uint8 NHWC) -> [N, 10]`, its provenance). ValueError without labels."""
     if labels is None:
-        raise ValueError("class_acc needs labels (arr_1)")
+        raise UserError("class_acc needs labels (arr_1)")
     clf, prov = classifier
     pred = clf.logits(images).argmax(1)
     return (float((pred == np.asarray(labels)).mean()),
@@ -107,7 +109,7 @@ def clip_score(clip, images: np.ndarray, captions: Sequence[str] | None) -> tupl
     """Mean raw cosine between CLIP image and text embeddings (DMD2's protocol, see
     eval.clip_score); `clip` a ClipScorer. ValueError without captions."""
     if captions is None:
-        raise ValueError("clip_score needs captions")
+        raise UserError("clip_score needs captions")
     return clip.score(images, list(captions)), clip.provenance
 
 
@@ -191,7 +193,7 @@ def resolve_metric_names(metrics: Iterable[str], extractor) -> list[str]:
            if m not in METRICS or (METRICS[m].is_feature_metric and kind not in METRICS[m].extractors)]
     if bad:
         feature_here = sorted(n for n, s in METRICS.items() if kind in s.extractors)
-        raise ValueError(f"unknown or inapplicable metrics {bad} for extractor "
+        raise UserError(f"unknown or inapplicable metrics {bad} for extractor "
                          f"{getattr(extractor, 'name', extractor)!r}; feature metrics here: {feature_here}; "
                          f"all metrics: {known_metrics()}")
     return requested
@@ -277,7 +279,7 @@ class MetricInputs:
         from eval.fid import check_provenance, load_ref_stats
 
         if self.ref_stats_path is None:
-            raise ValueError("feature metrics need ref_stats_path")
+            raise UserError("feature metrics need ref_stats_path")
         ref = load_ref_stats(self.ref_stats_path)
         check_provenance(self.extractor.provenance, ref["provenance"], str(self.ref_stats_path))
         return ref
@@ -286,7 +288,7 @@ class MetricInputs:
         ref = self["ref"]  # provenance checked before features are computed
         feats = self._given_features if self._given_features is not None else self.extractor.features(self["images"])
         if ref["mu"].shape != (feats.shape[1],):
-            raise ValueError(f"reference statistics {self.ref_stats_path} have dimension {ref['mu'].shape}, "
+            raise UserError(f"reference statistics {self.ref_stats_path} have dimension {ref['mu'].shape}, "
                              f"extractor {self.extractor.name} gives {feats.shape[1]}")
         return feats
 
@@ -295,7 +297,7 @@ class MetricInputs:
 
         ref = self["ref"]
         if ref["features"] is None:
-            raise ValueError(f"precision/recall need reference features, but {self.ref_stats_path} stores only "
+            raise UserError(f"precision/recall need reference features, but {self.ref_stats_path} stores only "
                              f"mu/sigma; rebuild it with make_ref_stats(..., store_features=True)")
         return prdc(ref["features"], self["features"], k=PR_K)
 
@@ -310,7 +312,7 @@ class MetricInputs:
         elif cfg_path:
             clf = DigitsExtractor(cfg_path, device=self.device)
         else:
-            raise ValueError("class_acc needs the digits classifier: pass digits_weights_path or use the digits "
+            raise UserError("class_acc needs the digits classifier: pass digits_weights_path or use the digits "
                              "extractor")
         prov = {"classifier": "digits", "weights": str(clf.weights_path), "sha256": clf.provenance["sha256"],
                 "classifier_test_acc": clf.net.test_acc}

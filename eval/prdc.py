@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eval.errors import UserError
+
 
 def _t(x, dtype) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype)
@@ -27,7 +29,7 @@ def knn_radii(feats, k: int = 3, batch_size: int = 1024, dtype=torch.float64) ->
     """Distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
     f = _t(feats, dtype)
     if len(f) <= k:
-        raise ValueError(f"need more than k={k} points, got {len(f)}")
+        raise UserError(f"need more than k={k} points, got {len(f)}")
     out = []
     for i in range(0, len(f), batch_size):
         d = _cdist(f[i:i + batch_size], f)
@@ -51,7 +53,7 @@ def prdc(real, fake, k: int = 3, batch_size: int = 1024, dtype=torch.float64) ->
     """-> dict(precision, recall, density, coverage, k, n_real, n_fake)."""
     r, f = _t(real, dtype), _t(fake, dtype)
     if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
-        raise ValueError(f"features must be [N, D] with the same D, got {tuple(r.shape)} and {tuple(f.shape)}")
+        raise UserError(f"features must be [N, D] with the same D, got {tuple(r.shape)} and {tuple(f.shape)}")
     rr = torch.as_tensor(knn_radii(r, k, batch_size, dtype))
     rf = torch.as_tensor(knn_radii(f, k, batch_size, dtype))
     f_in_real, f_count = _inside_any(f, r, rr, batch_size)

@@ -24,6 +24,8 @@ import warnings
 import numpy as np
 import torch
 
+from eval.errors import UserError
+
 DEFAULT_WIN = 11
 DEFAULT_SIGMA = 1.5
 
@@ -33,7 +35,7 @@ def ssim_settings(height: int, width: int, win_size: int = DEFAULT_WIN, win_sigm
     side = min(height, width)
     largest_odd = side if side % 2 == 1 else side - 1
     if largest_odd < 1:
-        raise ValueError(f"image too small for SSIM: {height}x{width}")
+        raise UserError(f"image too small for SSIM: {height}x{width}")
     ws, sg, clamped = win_size, win_sigma, False
     if win_size > largest_odd:
         ws = largest_odd
@@ -86,7 +88,7 @@ def max_pairwise_ssim(images_u8_nhwc: np.ndarray, labels: np.ndarray | None = No
     x = _to_float_nchw(images_u8_nhwc)
     labels = np.zeros(len(x), np.int64) if labels is None else np.asarray(labels)
     if len(labels) != len(x):
-        raise ValueError(f"{len(x)} images but {len(labels)} labels")
+        raise UserError(f"{len(x)} images but {len(labels)} labels")
     settings = ssim_settings(x.shape[2], x.shape[3], win_size, win_sigma)
     per_class = {}
     for c in np.unique(labels):
@@ -101,7 +103,7 @@ def max_pairwise_ssim(images_u8_nhwc: np.ndarray, labels: np.ndarray | None = No
             best = max(best, float(ssim_pairs(xc[i], xc[j], settings).max()))
         per_class[int(c)] = best
     if not per_class:
-        raise ValueError("no class has two or more images")
+        raise UserError("no class has two or more images")
     return float(np.mean(list(per_class.values()))), per_class
 
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from eval.clip_score import DEFAULTS as CLIP_DEFAULTS
 from eval.clip_score import ClipScorer, crop_resize
+from eval.errors import UserError
 from eval.io import atomic_save_safetensors, atomic_write_json, file_sha256, provenance
 
 NAME = "TinyCLIP-digits"
@@ -64,9 +65,9 @@ def model_config(embed_dim: int = 64, image_size: int = 32, patch_size: int = 8,
     `open_clip.get_tokenizer(name)` gives the standard tokenizer). ValueError when a width is not
     a multiple of `head_width` or the image size not a multiple of the patch size."""
     if vision_width % head_width or text_width % head_width:
-        raise ValueError(f"widths {vision_width}/{text_width} must be multiples of head_width={head_width}")
+        raise UserError(f"widths {vision_width}/{text_width} must be multiples of head_width={head_width}")
     if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        raise UserError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     return {
         "embed_dim": int(embed_dim),
         "vision_cfg": {"image_size": int(image_size), "patch_size": int(patch_size), "width": int(vision_width),
@@ -107,7 +108,7 @@ def tokenize_captions(tokenizer, captions: Sequence[Sequence[str]], prefix: str)
     captions with `prefix`, offsets int64 [N], counts int64 [N]). ValueError if an image has none."""
     counts = [len(c) for c in captions]
     if min(counts, default=0) < 1:
-        raise ValueError("every image needs at least one caption")
+        raise UserError("every image needs at least one caption")
     flat = [prefix + c for caps in captions for c in caps]
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return tokenizer(flat), torch.as_tensor(offsets, dtype=torch.int64), torch.as_tensor(counts, dtype=torch.int64)
@@ -182,10 +183,10 @@ def train_tiny_clip(images_u8_nhwc: np.ndarray, captions: Sequence[Sequence[str]
     `clip_config` = the ClipScorer config keys, provenance). ValueError for mismatched inputs,
     FloatingPointError on a non-finite loss (nothing saved)."""
     if len(images_u8_nhwc) != len(captions) or (labels is not None and len(labels) != len(captions)):
-        raise ValueError(f"{len(images_u8_nhwc)} images, {len(captions)} caption lists"
+        raise UserError(f"{len(images_u8_nhwc)} images, {len(captions)} caption lists"
                          + ("" if labels is None else f", {len(labels)} labels"))
     if any(len(c) == 0 for c in captions):
-        raise ValueError("every image needs at least one caption")
+        raise UserError("every image needs at least one caption")
     images_u8_nhwc = np.asarray(images_u8_nhwc)
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
     out_dir = Path(out_dir)
@@ -256,7 +257,7 @@ def swap_digit(caption: str, digit: int, new_digit: int) -> str:
                          out, flags=re.IGNORECASE)
         n += k
     if not n:
-        raise ValueError(f"caption {caption!r} does not name the digit {digit}")
+        raise UserError(f"caption {caption!r} does not name the digit {digit}")
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from eval.errors import UserError
 from tfd.networks import EDMPrecond, digits_unet_kwargs, imagenet64_adm_kwargs, list_layers, resolve_layer
 from tfd.networks.convert import EDM_IMPORT_HINT, convert_edm_pickle, load_edm_safetensors, save_edm_safetensors
 
@@ -182,7 +183,11 @@ def test_safetensors_roundtrip(digits_net, tmp_path):
     tensors = load_file(str(path))
     tensors["model.extra"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(RuntimeError, match="model.extra"):
+    with pytest.raises(UserError, match="bad.safetensors: tensors_sha256: .*checksum mismatch"):
+        load_edm_safetensors(tmp_path / "bad.safetensors")  # the stored checksum sees the change first
+    unverified = {"tfd": json.dumps({k: v for k, v in parsed.items() if k != "tensors_sha256"})}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=unverified)
+    with pytest.raises(UserError, match="model.extra"):  # without one, the strict key check does
         load_edm_safetensors(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_edm_safetensors(tmp_path / "nope.safetensors")
@@ -455,7 +460,7 @@ def fake_edm(tmp_path_factory):
 def test_convert_needs_edm_code(fake_edm, tmp_path):
     _, out = fake_edm
     msg = _run(CONVERT, out / "good.pkl", tmp_path / "t.safetensors")
-    assert msg.startswith("RuntimeError: ") and EDM_IMPORT_HINT in msg
+    assert msg.startswith("UserError: ") and EDM_IMPORT_HINT in msg
     assert not (tmp_path / "t.safetensors").exists()
 
 
@@ -478,11 +483,11 @@ def test_convert_edm_pickle(fake_edm, tmp_path):
         net = load_edm_safetensors(target)
         assert net.init_kwargs == ours.init_kwargs  # from persistence's init_args / init_kwargs
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
-    assert msgs["renamed"].startswith("RuntimeError: ") and "4x4_block0.norm.weight" in msgs["renamed"]
+    assert msgs["renamed"].startswith("UserError: ") and "4x4_block0.norm.weight" in msgs["renamed"]
     assert "missing keys ['model.enc.4x4_block0.norm0.bias', 'model.enc.4x4_block0.norm0.weight']" in msgs["renamed"]
-    assert msgs["transposed"].startswith("RuntimeError: ")
+    assert msgs["transposed"].startswith("UserError: ")
     assert "size mismatch for model.map_layer0.weight" in msgs["transposed"]
-    assert msgs["mismatch"].startswith("RuntimeError: ") and "unexpected keys" in msgs["mismatch"]
+    assert msgs["mismatch"].startswith("UserError: ") and "unexpected keys" in msgs["mismatch"]
     assert "2x2_block2" in msgs["mismatch"]
     assert not any((tmp_path / f"{n}.safetensors").exists() for n in ("renamed", "transposed", "mismatch"))
     with pytest.raises(FileNotFoundError, match="missing.pkl"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eval.clip_score import ClipScorer, check_tokenizer, clip_score, crop_resize
+from eval.errors import UserError
 
 TINY = {
     "embed_dim": 32,
@@ -67,13 +68,13 @@ def test_tokenizer_checks(tiny):
         def __call__(self, texts):
             return torch.zeros(len(texts), 77, dtype=torch.long)
 
-    with pytest.raises(RuntimeError, match="vocabulary size 2"):
+    with pytest.raises(UserError, match="vocabulary size 2"):
         check_tokenizer(TwoWords())
 
     class Constant(TwoWords):
         vocab_size = 49408
 
-    with pytest.raises(RuntimeError, match="identical tokens"):
+    with pytest.raises(UserError, match="identical tokens"):
         check_tokenizer(Constant())
 
 

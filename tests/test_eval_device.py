@@ -139,7 +139,7 @@ def test_convergence_hook_builds_its_extractor_on_the_trainer_device(monkeypatch
 
     build = Recorder(lambda *a, **k: SimpleNamespace(name="digits", provenance={}, device=k["device"]))
     monkeypatch.setattr(C, "build_extractor", build)
-    monkeypatch.setattr(C, "load_ref_stats", lambda p: {"provenance": {}})
+    monkeypatch.setattr(C, "check_ref_stats", lambda *a, **k: {"provenance": {}})
     monkeypatch.setattr(C, "check_provenance", lambda *a: None)
     b = SimpleNamespace(eval=SimpleNamespace(feature_extractor="digits", feature_extractor_weights_path=None,
                                              convergence_samples=4, batch_size=2, base_seed=0),

@@ -94,11 +94,14 @@ def test_table2_keeps_paper_numbers_apart_and_marks_unscored_rows(tmp_path):
         "runs": {"dmd2_sdxl": {"sampler": {"unet": "dmd2.bin"}}}}}}
     cfg = load_config(ROOT / "config.yaml", over)
     b = cfg.bench()
-    for run, fid in (("sdxl_cfg6", 21.5), ("dmd2_sdxl", 20.25)):  # metric files of two scored rows
-        d = tmp_path / "coco2014" / "pipeline" / run / "metrics"
+    n = b.eval.num_samples
+    fids = {"sdxl_cfg6": 21.5, "dmd2_sdxl": 20.25}
+    for run in [r for r in b.table2 if not b.runs[r].missing_weights]:  # every scored row has its metric files
+        fid = fids.get(run, 30.0)
+        d = tmp_path / "coco2014" / b.runs[run].method / run / "metrics"
         d.mkdir(parents=True)
         for m, v in (("fid_clean", fid), ("clip_score", 0.3)):
-            (d / f"{m}.json").write_text(json.dumps({"metric": m, "value": v}))
+            (d / f"{m}.json").write_text(json.dumps({"metric": m, "value": v, "n": n}))
     df = write_table(cfg, tmp_path, tmp_path / "table2.csv", table="table2").set_index("run")
     assert list(df.index) == b.table2
     assert df.loc["sdxl_cfg6", "fid_clean"] == 21.5 and df.loc["sdxl_cfg6", "paper_fid"] == 19.36

@@ -284,7 +284,6 @@ def cmd_distill(args):
 
     from tfd import dist
     from tfd.config import ConfigError
-    from tfd.denoiser import load_denoiser
     from tfd.runs import build_method
     from tfd.trainer import Trainer
     cfg, b = _cfg(args)
@@ -311,7 +310,8 @@ def cmd_distill(args):
                               f"(rules positives_shard + merge_positives)")
         teacher = load_teacher(b, args.teacher, device, prompts=train_table)
     else:
-        teacher = load_denoiser(args.teacher, device)
+        from tfd.runs import load_teacher
+        teacher = load_teacher(b, args.teacher, device)
     method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed, positives=args.positives)
     eval_fn = None
     if tcfg.eval_every and args.ref_stats:
@@ -343,12 +343,15 @@ def cmd_sample(args):
 
 def cmd_merge_samples(args):
     from eval.sample import merge_npz
-    m = merge_npz(args.parts, args.out)
+    from tfd.runs import sample_spec
+    cfg, b = _cfg(args)
+    m = merge_npz(args.parts, args.out, spec=sample_spec(b, args.num))
     print(f"merged {len(args.parts)} shards, {len(m['arr_0'])} samples -> {args.out}")
 
 
 def cmd_score(args):
     from eval.score import score_samples
+    from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
     clip = {"clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
@@ -356,7 +359,7 @@ def cmd_score(args):
             "clip_model_config": args.clip_model_config or b.eval.clip_model_config}
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
                         ref_stats_path=args.ref_stats, device=extractor.device, config=clip,
-                        prompts=_prompts(args, b), resolution=b.eval.resolution)
+                        prompts=_prompts(args, b), resolution=b.eval.resolution, spec=sample_spec(b, args.num))
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
@@ -369,7 +372,7 @@ def _manifest_inputs(args) -> dict:
 def cmd_table(args):
     from tfd.tables import write_convergence, write_manifest, write_table
     cfg, b = _cfg(args)
-    df = write_table(cfg, args.results_dir, args.out, table=args.table)
+    df = write_table(cfg, args.results_dir, args.out, table=args.table, ref_stats=args.ref_stats)
     if args.convergence:
         write_convergence(cfg, args.results_dir, args.convergence)
     if args.manifest:
@@ -398,6 +401,9 @@ def cmd_convert_edm(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tfd", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of every error (default: one line for errors the user can fix: "
+                        "config, missing/foreign/damaged files, data, non-finite loss, permission, disk full)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name, fn, help, config=True):
@@ -497,8 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=None, help="number of samples (default: eval.num_samples)")
     s.add_argument("--batch-size", type=int, default=None, help="images per sampler call (default: eval.batch_size)")
     s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table (results/<bench>/prompts.jsonl)")
-    s = add("merge-samples", cmd_merge_samples, "join shard npz files in seed order", config=False)
+    s = add("merge-samples", cmd_merge_samples, "join shard npz files in seed order; the result must be the "
+            "protocol's complete set (eval.num_samples images, seeds from eval.base_seed)")
     s.add_argument("--out", required=True)
+    s.add_argument("--num", type=int, default=None,
+                   help="number of samples the merged set must hold (default: eval.num_samples)")
     s.add_argument("parts", nargs="+")
     s = add("score", cmd_score, "compute metrics of a sample file, one JSON per metric")
     s.add_argument("--samples", required=True)
@@ -507,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--feature-weights", default=None, metavar="PATH",
                    help="weights of the eval.feature_extractor network (digits: also the class_acc classifier)")
     s.add_argument("--metrics", nargs="*", default=None)
+    s.add_argument("--num", type=int, default=None,
+                   help="number of samples the file must hold (default: eval.num_samples; the table refuses rows "
+                        "scored on another count)")
     s.add_argument("--device", default=None,
                    help="where the feature extractor and CLIP run (default: cuda if available, else cpu)")
     s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table the samples were drawn with")
@@ -545,12 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """Entry point: run the subcommand; an error the user can fix (`eval.errors.is_user_error`) is one
+    line `tfd <cmd>: error: ...` and exit status 1, unless `--debug`; any other error is a bug and
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from tfd.config import ConfigError
+    from eval.errors import is_user_error, one_line
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"tfd {args.cmd}: error: {e}")
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        sys.exit(f"tfd {args.cmd}: error: {one_line(e)}")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from typing import Any, Optional
 
 import yaml
 
+from eval.errors import UserError
+
 # Rows that need no training: the teacher's Heun sampler, the teacher run once at sigma_max, and a
 # diffusers pipeline with its own scheduler (text-to-image teacher and published checkpoints).
 SAMPLER_METHODS = ("heun", "onestep", "pipeline")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key is unknown, missing or of the wrong type; the message names the key."""
 
 
@@ -171,9 +173,9 @@ class PositivesCfg:
     def __post_init__(self):
         for key in ("n_pos", "steps", "shards", "num_prompts"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.paired_fraction <= 1.0:
-            raise ValueError(f"paired_fraction must be in [0, 1], got {self.paired_fraction}")
+            raise UserError(f"paired_fraction must be in [0, 1], got {self.paired_fraction}")
 
 
 @dataclass
@@ -385,20 +387,20 @@ def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> l
     run with the same settings; -> [(label, run name)]."""
     w = f"ablations.{name}"
     if abl.base not in runs:
-        raise ValueError(f"{w}.base: run {abl.base!r} is not defined in runs")
+        raise UserError(f"{w}.base: run {abl.base!r} is not defined in runs")
     base = runs[abl.base]
     if base.method in SAMPLER_METHODS:
-        raise ValueError(f"{w}.base: {abl.base!r} is a sampler row ({base.method}), not a training run")
+        raise UserError(f"{w}.base: {abl.base!r} is a sampler row ({base.method}), not a training run")
     section, _, leaf = abl.key.partition(".")
     if section not in ("params", "train") or not leaf or "." in leaf:
-        raise ValueError(f"{w}.key: {abl.key!r} must be params.<name> or train.<name>")
+        raise UserError(f"{w}.key: {abl.key!r} must be params.<name> or train.<name>")
     if abl.labels and len(abl.labels) != len(abl.values):
-        raise ValueError(f"{w}.labels: {len(abl.labels)} labels for {len(abl.values)} values")
+        raise UserError(f"{w}.labels: {len(abl.labels)} labels for {len(abl.values)} values")
     if not abl.values:
-        raise ValueError(f"{w}.values: empty")
+        raise UserError(f"{w}.values: empty")
     unknown = sorted(set(abl.overrides) - {"train", "params"})
     if unknown:
-        raise ValueError(f"{w}.overrides: unknown key {unknown[0]!r} (valid keys: params, train)")
+        raise UserError(f"{w}.overrides: unknown key {unknown[0]!r} (valid keys: params, train)")
     by_key = {_run_key(r): n for n, r in runs.items()}
     out = []
     for i, value in enumerate(abl.values):
@@ -638,10 +640,51 @@ def check(cfg: Config, files: bool = False) -> Config:
                 if gone:
                     problems.append(f"benchmarks.{name}.teacher.checkpoint: {t.checkpoint} is not a "
                                     f"StableDiffusionXLPipeline folder (no {', '.join(f'{g}/' for g in gone)})")
+        for name in cfg.active:
+            problems += _check_ref_stats_file(cfg.bench(name), f"benchmarks.{name}")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else
                           f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def _check_ref_stats_file(b: "BenchmarkCfg", w: str) -> list[str]:
+    """The configured reference statistics (`eval.ref_stats`, when the file exists) against the
+    metrics asked for: readable and finite, and storing reference features when `eval.metrics`
+    has precision/recall (EDM's `imagenet-64x64.npz` holds only mu/sigma). Problems, [] if none."""
+    path = b.eval.ref_stats
+    if not path or not Path(path).is_file():
+        return []
+    from eval.fid import check_ref_stats
+    from eval.metrics import METRICS
+    pr = [m for m in b.eval.metrics if m.startswith(("precision", "recall"))]
+    try:
+        check_ref_stats(path, [m for m in pr if m in METRICS] or (["precision"] if pr else []))
+    except UserError as e:
+        both = f" and {w}.eval.metrics ({', '.join(pr)})" if pr and "features" in str(e) else ""
+        return [f"{w}.eval.ref_stats{both}: {e}"]
+    return []
+
+
+def _read_yaml(p: Path) -> dict:
+    """One YAML config file as a dict; ConfigError naming the file, line and column of a syntax
+    error, or the file when its top level is not a mapping."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(p)
+        what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys (benchmark:, benchmarks:, ...), "
+                          f"found a {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | list = "config.yaml", overrides: Optional[dict] = None) -> Config:
@@ -653,7 +696,7 @@ def load_config(path: str | Path | list = "config.yaml", overrides: Optional[dic
         p = Path(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = deep_update(data, yaml.safe_load(p.read_text()) or {})
+        data = deep_update(data, _read_yaml(p))
     if overrides:
         data = deep_update(data, overrides)
     return check(from_dict(Config, data, "config"))

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from eval.features import build_extractor
-from eval.fid import check_provenance, load_ref_stats
+from eval.fid import check_provenance, check_ref_stats
 from eval.metrics import fid, metric_names
-from eval.sample import StackedRandom
+from eval.sample import StackedRandom, check_finite_images
 
 
 def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_stats_path: str | os.PathLike,
@@ -39,7 +39,7 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
                           weights_path=feature_weights_path or b.eval.feature_extractor_weights_path,
                           device=device if device is not None else "cpu",
                           digits_input_size=b.resolution)  # digits-text: 32x32 area-averaged to 8x8
-    ref = load_ref_stats(ref_stats_path)
+    ref = check_ref_stats(ref_stats_path, [], dim=getattr(ext, "dim", None))
     check_provenance(ext.provenance, ref["provenance"], str(ref_stats_path))
     name = metric_names(ext)["fid"]
     n = int(num or b.eval.convergence_samples)
@@ -59,6 +59,8 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
                     idx = np.arange(s0, min(n, s0 + bs))
                     c = torch.as_tensor(conds.for_samples(idx), device=device)
                     x = sampler(c, StackedRandom(b.eval.base_seed + idx, device=device))
+                    check_finite_images(x, f"the generator at step {step} (convergence record)",
+                                        first_seed=int(b.eval.base_seed + idx[0]))
                     feats.append(ext.features_in_memory(x))
         finally:
             generator.train(was_training)

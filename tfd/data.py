@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from eval.digits_data import digits_arrays  # noqa: F401
+from eval.errors import UserError
 
 
 def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -31,9 +32,9 @@ def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     with zipfile.ZipFile(path) as z:
         names = sorted(n for n in z.namelist() if n.lower().endswith(".png"))
         if not names:
-            raise ValueError(f"{path}: no PNG files in the zip")
+            raise UserError(f"{path}: no PNG files in the zip")
         if "dataset.json" not in z.namelist():
-            raise ValueError(f"{path}: no dataset.json with labels (class-conditional data needs it)")
+            raise UserError(f"{path}: no dataset.json with labels (class-conditional data needs it)")
         labels = dict(json.loads(z.read("dataset.json"))["labels"])
         imgs = []
         for n in names:
@@ -42,7 +43,7 @@ def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     x = np.stack(imgs).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
     missing = [n for n in names if n not in labels]
     if missing:
-        raise ValueError(f"{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+        raise UserError(f"{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
     y = np.array([labels[n] for n in names], dtype=np.int64)
     return x, y
 
@@ -89,12 +90,12 @@ class ClassBalancedSampler:
         if self.num_conditions is None:
             self.num_conditions = top
         elif top > self.num_conditions or int(self.labels.min()) < 0:
-            raise ValueError(f"labels range {int(self.labels.min())}..{top - 1} is outside the benchmark's "
+            raise UserError(f"labels range {int(self.labels.min())}..{top - 1} is outside the benchmark's "
                              f"{self.num_conditions} conditions")
         self.by_class = [torch.nonzero(self.labels == c).flatten() for c in range(self.num_conditions)]
         empty = [c for c, idx in enumerate(self.by_class) if len(idx) == 0]
         if empty:
-            raise ValueError(f"classes {empty} have no examples")
+            raise UserError(f"classes {empty} have no examples")
 
     def sample_conditions(self, G: int) -> torch.Tensor:
         if G <= self.num_conditions:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.errors import UserError
 from eval.io import read_safetensors_metadata
 from tfd.networks.convert import FORMAT as EDM_FORMAT
 from tfd.networks.convert import load_edm_safetensors, save_edm_safetensors
@@ -68,7 +69,7 @@ class Denoiser(nn.Module):
 
     def uncond(self, n: int, device) -> Any:
         """The encoded unconditional condition for `n` samples (classifier-free guidance)."""
-        raise ValueError(f"{type(self).__name__} has no unconditional branch: guidance is not available")
+        raise UserError(f"{type(self).__name__} has no unconditional branch: guidance is not available")
 
     # -- the denoiser -------------------------------------------------------------------------
     def broadcast_sigma(self, sigma, x: torch.Tensor) -> torch.Tensor:
@@ -109,20 +110,20 @@ class Denoiser(nn.Module):
     def discrete_sigmas(self) -> torch.Tensor:
         """The noise levels of a discrete-time model's training timesteps t = 0..T-1, ascending,
         float32 `[T]` (SDXL: 0.0292..14.61). ValueError for a continuous-time net (EDM)."""
-        raise ValueError(f"{type(self).__name__} is a continuous-time denoiser: it has no discrete timesteps "
+        raise UserError(f"{type(self).__name__} is a continuous-time denoiser: it has no discrete timesteps "
                          "(use sigma_grid: karras, generator_sigma instead of generator_timestep)")
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass (memory for compute). ValueError for a network
         kind without it (the EDM/ADM UNet)."""
         if enabled:
-            raise ValueError(f"{type(self).__name__}: gradient checkpointing is not available for this network kind")
+            raise UserError(f"{type(self).__name__}: gradient checkpointing is not available for this network kind")
 
     def timestep_sigma(self, t: int) -> float:
         """sigma of training timestep `t` (`discrete_sigmas()[t]`); ValueError when out of range."""
         grid = self.discrete_sigmas()
         if not 0 <= int(t) < len(grid):
-            raise ValueError(f"timestep {t} is outside 0..{len(grid) - 1}")
+            raise UserError(f"timestep {t} is outside 0..{len(grid) - 1}")
         return float(grid[int(t)])
 
     # -- hidden features ----------------------------------------------------------------------
@@ -258,7 +259,7 @@ def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Deno
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; a denoiser file (safetensors) is expected "
+        raise UserError(f"{what} {path} is a folder; a denoiser file (safetensors) is expected "
                          f"(known formats: {', '.join(sorted(DENOISER_FORMATS))})")
     if not path.is_file():
         hint = ("set teacher.checkpoint in config.yaml; make it with `tfd convert-edm` or `tfd train-teacher`"
@@ -267,6 +268,6 @@ def load_denoiser(path: str | Path, device="cpu", what: str = "teacher") -> Deno
     fmt = read_safetensors_metadata(path).get("format")
     import tfd.diffusers_denoiser  # noqa: F401  (registers "tfd.diffusers_unet.v1"; lazy: it imports this module)
     if fmt not in DENOISER_FORMATS:
-        raise ValueError(f"{what} {path}: unknown denoiser format {fmt!r} "
+        raise UserError(f"{what} {path}: unknown denoiser format {fmt!r} "
                          f"(known: {', '.join(sorted(DENOISER_FORMATS))})")
     return DENOISER_FORMATS[fmt](path, device)

@@ -42,7 +42,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from eval.io import atomic_save_safetensors, read_safetensors_metadata
+from eval.errors import UserError
+from eval.io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
 from tfd.denoiser import Denoiser, register_denoiser_format
 
 FORMAT = "tfd.diffusers_unet.v1"
@@ -83,7 +84,7 @@ def torch_dtype(name, key: str = "dtype") -> torch.dtype:
         return name
     if isinstance(name, str) and name.lower() in _DTYPES:
         return _DTYPES[name.lower()]
-    raise ValueError(f"{key}: {name!r} is not supported; use 'fp32' or 'bf16' (fp16 is refused: "
+    raise UserError(f"{key}: {name!r} is not supported; use 'fp32' or 'bf16' (fp16 is refused: "
                      "SDXL's VAE produces NaN in fp16)")
 
 
@@ -105,7 +106,7 @@ def _load_tokenizer(path: Path):
 
     tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.vocab_size != CLIP_VOCAB_SIZE:
-        raise ValueError(f"tokenizer {path}: vocabulary has {tok.vocab_size} tokens, expected CLIP's "
+        raise UserError(f"tokenizer {path}: vocabulary has {tok.vocab_size} tokens, expected CLIP's "
                          f"{CLIP_VOCAB_SIZE} (a broken or non-CLIP tokenizer folder)")
     return tok
 
@@ -119,7 +120,7 @@ def _load_scheduler(folder: Path):
         name = json.loads(cfg_path.read_text())["_class_name"]
         cls = getattr(diffusers, name)
     except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{cfg_path}: not a readable diffusers scheduler config ({e!r})") from None
+        raise UserError(f"{cfg_path}: not a readable diffusers scheduler config ({e!r})") from None
     return cls.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
 
 
@@ -180,7 +181,7 @@ class DiffusersDenoiser(Denoiser):
         self.pipeline_folder = None if pipeline_folder is None else str(Path(pipeline_folder).resolve())
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler config of {self.pipeline_folder or '(in memory)'}: prediction_type "
+            raise UserError(f"scheduler config of {self.pipeline_folder or '(in memory)'}: prediction_type "
                              f"{self.prediction_type!r} is not supported (epsilon or v_prediction)")
         abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         log_sigmas = (((1 - abar) / abar).sqrt()).log()
@@ -272,10 +273,10 @@ class DiffusersDenoiser(Denoiser):
         if isinstance(cond, SDXLCond):
             return cond
         if cond is None:
-            raise ValueError("DiffusersDenoiser is text-conditional: pass condition ids (prompt table rows), not None")
+            raise UserError("DiffusersDenoiser is text-conditional: pass condition ids (prompt table rows), not None")
         table = self._frozen.prompts
         if table is None:
-            raise ValueError("DiffusersDenoiser: no prompts are bound; call bind_prompts(PromptTable) (or pass "
+            raise UserError("DiffusersDenoiser: no prompts are bound; call bind_prompts(PromptTable) (or pass "
                              "prompts= to load_diffusers_denoiser) before encoding condition ids")
         embs = [self._embedding(text) for text in table.captions(torch.as_tensor(cond).cpu().numpy())]
         dev = self.device
@@ -354,7 +355,7 @@ class DiffusersDenoiser(Denoiser):
         bf16; DMD2 and FastGen decode in fp32, SDXL's VAE overflows in fp16: ValueError)."""
         vae = self.vae
         if vae.dtype == torch.float16:
-            raise ValueError("DiffusersDenoiser.decode: the VAE is fp16, which overflows for SDXL; load it "
+            raise UserError("DiffusersDenoiser.decode: the VAE is fp16, which overflows for SDXL; load it "
                              "with vae_dtype fp32 or bf16")
         shift = vae.config.get("shift_factor") or 0.0
         z = x.to(next(vae.parameters()).device, vae.dtype) / vae.config.scaling_factor + shift
@@ -380,7 +381,7 @@ class DiffusersDenoiser(Denoiser):
             except AttributeError:
                 pass
         top = [n for n, _ in self.unet.named_children()]
-        raise ValueError(f"unknown layer {name!r} of the diffusers UNet; use a module path such as "
+        raise UserError(f"unknown layer {name!r} of the diffusers UNet; use a module path such as "
                          f"'down_blocks.2', 'mid_block', 'up_blocks.0' (top-level modules: {', '.join(top)})")
 
     def layer_names(self) -> list[str]:
@@ -396,7 +397,7 @@ class DiffusersDenoiser(Denoiser):
         `format` FORMAT, `unet_config` (diffusers config dict) and `pipeline` (the absolute base
         pipeline folder). ValueError when the denoiser was not loaded from a folder."""
         if self.pipeline_folder is None:
-            raise ValueError(f"cannot save {path}: this DiffusersDenoiser has no base pipeline folder "
+            raise UserError(f"cannot save {path}: this DiffusersDenoiser has no base pipeline folder "
                              "(build it with load_diffusers_denoiser)")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
         config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
@@ -420,18 +421,17 @@ def load_diffusers_unet_file(path: str | Path, device="cpu", dtype=torch.float32
     Raises ValueError naming the file for another format, FileNotFoundError naming the file and
     its missing base pipeline folder."""
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise UserError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     folder = Path(meta.get("pipeline") or "")
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: its base pipeline folder {folder} (metadata 'pipeline') is missing")
     parts = load_pipeline_components(folder, device, dtype, vae_dtype, load_unet=False)
     unet = UNet2DConditionModel.from_config(meta["unet_config"])
-    unet.load_state_dict(load_file(str(path)), strict=True)
+    unet.load_state_dict(load_safetensors(path, "UNet")[0], strict=True)
     parts["unet"] = unet.to(device=device, dtype=torch_dtype(dtype)).requires_grad_(False).eval()
     return DiffusersDenoiser(**parts, pipeline_folder=folder, prompts=prompts)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.errors import UserError
+
 DPI = 150
 X_LABELS = {"step": "training iterations", "generator_updates": "generator updates",
             "train_wall_s": "training wall-clock (s)"}
@@ -84,13 +86,13 @@ def fid_column(columns) -> str:
     col = fid_key(columns)
     if col is not None:
         return col
-    raise ValueError(f"no FID column (a name starting with 'fid', not ending with '_n') in {list(columns)}")
+    raise UserError(f"no FID column (a name starting with 'fid', not ending with '_n') in {list(columns)}")
 
 
 def _need_columns(df, cols, path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
+        raise UserError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
 
 
 def first_crossing(steps, fids, threshold: float):
@@ -110,20 +112,20 @@ def load_samples(npz_path) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
+        raise UserError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
                          f"got {images.dtype} {images.shape}")
     if len(labels) != len(images):
-        raise ValueError(f"{npz_path}: {len(images)} images but {len(labels)} labels")
+        raise UserError(f"{npz_path}: {len(images)} images but {len(labels)} labels")
     return images, labels
 
 
 def class_indices(labels: np.ndarray, c: int, per_class: int, source="") -> np.ndarray:
     """Indices of the first `per_class` samples of class c in file order (ValueError if none)."""
     if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise UserError(f"per_class must be >= 1, got {per_class}")
     idx = np.flatnonzero(labels == c)[:per_class]
     if len(idx) == 0:
-        raise ValueError(f"{source}: no samples of class {c}" if source else f"no samples of class {c}")
+        raise UserError(f"{source}: no samples of class {c}" if source else f"no samples of class {c}")
     return idx
 
 
@@ -264,7 +266,7 @@ def plot_ablation(curves_csv, out_stem, title: str, budgets=()) -> dict:
     _need_columns(df, ["ablation", "variant", "run", "step"], curves_csv)
     ablations = list(dict.fromkeys(df["ablation"]))
     if not ablations:
-        raise ValueError(f"{curves_csv}: no rows")
+        raise UserError(f"{curves_csv}: no rows")
     plt = _plt()
     fig, axes = plt.subplots(1, len(ablations), squeeze=False, figsize=(5.2 * len(ablations), 3.8))
     shown = {}
@@ -315,37 +317,37 @@ def plot_prompt_grid(npz_by_label: dict, prompts, out_stem, rows=6, title: str |
     file's H x W differs from the first file's; ValueError also for no files, rows < 1, a prompt
     id not in the table, or (rows an int) no prompt present in every file."""
     if not npz_by_label:
-        raise ValueError("no sample files given")
+        raise UserError("no sample files given")
     table = _prompt_table(prompts)
     labels, files = [str(k) for k in npz_by_label], [str(v) for v in npz_by_label.values()]
     loaded = [load_samples(f) for f in files]
     h, w = loaded[0][0].shape[1:3]
     for f, (images, _) in zip(files, loaded):
         if images.shape[1:3] != (h, w):
-            raise ValueError(f"{f}: images are {images.shape[1]}x{images.shape[2]}, but {files[0]} has "
+            raise UserError(f"{f}: images are {images.shape[1]}x{images.shape[2]}, but {files[0]} has "
                              f"{h}x{w} (all files must share H x W)")
     if isinstance(rows, (int, np.integer)):
         if rows < 1:
-            raise ValueError(f"rows must be >= 1, got {rows}")
+            raise UserError(f"rows must be >= 1, got {rows}")
         present = set(table.ids).intersection(*(set(c.tolist()) for _, c in loaded))
         ids = [i for i in table.ids if i in present][:int(rows)]
         if not ids:
-            raise ValueError(f"no prompt of {table.source or 'the prompt table'} has a sample in every file "
+            raise UserError(f"no prompt of {table.source or 'the prompt table'} has a sample in every file "
                              f"({', '.join(files)})")
     else:
         ids = [int(i) for i in rows]
         if not ids:
-            raise ValueError("rows: empty list of prompt ids")
+            raise UserError("rows: empty list of prompt ids")
         unknown = [i for i in ids if i not in table.row_of]
         if unknown:
-            raise ValueError(f"prompt id(s) {unknown} not in the prompt table {table.source or '(in memory)'}")
+            raise UserError(f"prompt id(s) {unknown} not in the prompt table {table.source or '(in memory)'}")
     channels = 3 if any(im.shape[-1] == 3 for im, _ in loaded) else 1
     cells = np.zeros((len(ids), len(files), h, w, channels), np.uint8)
     for k, (f, (images, conds)) in enumerate(zip(files, loaded)):
         for r, i in enumerate(ids):
             hit = np.flatnonzero(conds == i)
             if len(hit) == 0:
-                raise ValueError(f"{f}: no sample of prompt id {i} ({table.captions([i])[0]!r})")
+                raise UserError(f"{f}: no sample of prompt id {i} ({table.captions([i])[0]!r})")
             cells[r, k] = images[hit[0]]  # broadcasts a grey image to RGB when needed
     captions = table.captions(ids)
     cols, cell_in = len(files), 1.8

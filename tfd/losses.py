@@ -19,6 +19,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as nnf
 
+from eval.errors import UserError
 from tfd.dist import all_reduce_mean, get_world_size, is_distributed
 
 __all__ = ["drifting_loss", "drift_field", "anchor_margin_loss"]
@@ -72,7 +73,7 @@ def drift_field(
             per-radius normalisation, and `scale` = mean(d) (both global under DDP).
     """
     if normalization not in ("double", "paper"):
-        raise ValueError(f"normalization must be 'double' or 'paper', got {normalization!r}")
+        raise UserError(f"normalization must be 'double' or 'paper', got {normalization!r}")
     x = x.detach().float()
     pos = pos.detach().float()
     _, ng, dim = x.shape

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from eval.errors import UserError
 from eval.io import read_safetensors_metadata
 from tfd.diffusers_denoiser import FORMAT as UNET_FORMAT
 from tfd.diffusers_denoiser import load_pipeline_components, torch_dtype
@@ -81,9 +82,9 @@ class PipelineCfg:
 
     def __post_init__(self):
         if int(self.steps) < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+            raise UserError(f"sampler.steps must be >= 1, got {self.steps}")
         if self.timesteps is not None and len(self.timesteps) < 1:
-            raise ValueError("sampler.timesteps must be a non-empty list of integers (or null)")
+            raise UserError("sampler.timesteps must be a non-empty list of integers (or null)")
         torch_dtype(self.dtype, "sampler.dtype")
 
     @property
@@ -105,7 +106,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     if path.suffix in (".bin", ".pt", ".pth"):
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"sampler.unet {path}: expected a UNet folder, .safetensors, .bin, .pt or .pth file")
+    raise UserError(f"sampler.unet {path}: expected a UNet folder, .safetensors, .bin, .pt or .pth file")
 
 
 def load_unet_replacement(path, base_unet_config: Path, dtype: torch.dtype, device="cpu"):
@@ -130,7 +131,7 @@ def load_unet_replacement(path, base_unet_config: Path, dtype: torch.dtype, devi
         try:
             unet.load_state_dict(_load_state_dict(path), strict=True)
         except RuntimeError as e:
-            raise ValueError(f"sampler.unet {path}: weights do not fit the UNet config ({str(e)[:300]})") from None
+            raise UserError(f"sampler.unet {path}: weights do not fit the UNet config ({str(e)[:300]})") from None
     return unet.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
@@ -142,7 +143,7 @@ def _scheduler(base, cfg: PipelineCfg):
         return type(base).from_config(base.config, **cfg.scheduler_kwargs) if cfg.scheduler_kwargs else base
     cls = getattr(diffusers, str(cfg.scheduler), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(f"sampler.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class "
+        raise UserError(f"sampler.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class "
                          "(e.g. EulerDiscreteScheduler, LCMScheduler)")
     return cls.from_config(base.config, **cfg.scheduler_kwargs)
 
@@ -194,12 +195,12 @@ def pipeline_sampler(teacher_folder, cfg: PipelineCfg, prompts, device="cpu", re
     uint8 output is byte-identical. Larger micro-batches trade this for speed.
     """
     if int(micro_batch) < 1:
-        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        raise UserError(f"micro_batch must be >= 1, got {micro_batch}")
     pipe = build_pipeline(teacher_folder, cfg, device)
     factor = int(pipe.vae_scale_factor)
     res = int(resolution or pipe.unet.config.sample_size * factor)
     if res % factor or res % 8:
-        raise ValueError(f"resolution {res} must be a multiple of 8 and of the VAE factor {factor}")
+        raise UserError(f"resolution {res} must be a multiple of 8 and of the VAE factor {factor}")
     shape = (int(pipe.unet.config.in_channels), res // factor, res // factor)
     steps = {"timesteps": list(cfg.timesteps)} if cfg.timesteps else {"num_inference_steps": int(cfg.steps)}
     dtype = pipe.unet.dtype

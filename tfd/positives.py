@@ -43,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from eval.conditions import PromptTable
-from eval.io import atomic_save_safetensors, read_safetensors_metadata
+from eval.errors import UserError
+from eval.io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
 
 FORMAT_LATENTS = "tfd.paired_latents.v1"
 FORMAT_POSITIVES = "tfd.positives.v1"
@@ -87,7 +88,7 @@ def train_prompts(captions_json: str | os.PathLike, num_prompts: int, seed: int)
             first[key] = (int(ann_id), text)
     rows = sorted(first.values())
     if not rows:
-        raise ValueError(f"{captions_json}: no captions")
+        raise UserError(f"{captions_json}: no captions")
     pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:num_prompts])
     return PromptTable(tuple(rows[i][0] for i in pick), tuple(rows[i][1] for i in pick),
                        source=f"{captions_json} ({len(rows)} distinct captions, {len(pick)} drawn, seed {seed})")
@@ -124,7 +125,7 @@ def encode_paired_latents(pipeline_folder, captions_json, images_dir, out, resol
 
     pairs = paired_images(captions_json, fraction, seed)
     if not pairs:
-        raise ValueError(f"{captions_json}: the paired image set is empty (paired_fraction {fraction})")
+        raise UserError(f"{captions_json}: the paired image set is empty (paired_fraction {fraction})")
     den = load_diffusers_denoiser(pipeline_folder, device=device)
     root = Path(images_dir)
     chunks = []
@@ -144,13 +145,12 @@ def encode_paired_latents(pipeline_folder, captions_json, images_dir, out, resol
 def load_paired_latents(path) -> tuple[torch.Tensor, dict]:
     """(latents [N, C, h, w] float32, metadata) of an `encode_paired_latents` file; ValueError
     naming the file for another format."""
-    from safetensors.torch import load_file
 
     meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT_LATENTS:
-        raise ValueError(f"{path}: not a paired-latents file (format {meta.get('format')!r}, "
+        raise UserError(f"{path}: not a paired-latents file (format {meta.get('format')!r}, "
                          f"expected {FORMAT_LATENTS!r})")
-    return load_file(str(path))["latents"], meta
+    return load_safetensors(path, "paired latents")[0]["latents"], meta
 
 
 def match_prompts(table: PromptTable, captions: list[list[str]]) -> list[np.ndarray]:
@@ -249,21 +249,20 @@ def positives_shard(teacher_folder, table: PromptTable, cfg, shard: tuple[int, i
 def merge_positives(parts: list, out) -> dict:
     """Join shard files (in row order) into the positives cache `out`; ValueError naming the files
     when they are not one complete, contiguous set of shards with the same settings and prompts."""
-    from safetensors.torch import load_file
 
     metas = [read_safetensors_metadata(p) for p in parts]
     for p, m in zip(parts, metas):
         if m.get("format") != FORMAT_POSITIVES:
-            raise ValueError(f"{p}: not a positives shard (format {m.get('format')!r})")
+            raise UserError(f"{p}: not a positives shard (format {m.get('format')!r})")
     keys = {(m["key"], m["prompts_sha256"], m["shard"][1]) for m in metas}
     if len(keys) != 1:
-        raise ValueError(f"positives shards {list(map(str, parts))} mix settings, prompt tables or shard counts")
+        raise UserError(f"positives shards {list(map(str, parts))} mix settings, prompt tables or shard counts")
     order = sorted(range(len(parts)), key=lambda i: metas[i]["rows"][0])
     stops = [metas[order[0]]["rows"][0]] + [metas[i]["rows"][1] for i in order]
     if stops[0] != 0 or any(metas[i]["rows"][0] != stops[j] for j, i in enumerate(order)) \
             or len(parts) != metas[0]["shard"][1]:
-        raise ValueError(f"positives shards {list(map(str, parts))} do not cover the prompt table once, in order")
-    loaded = [load_file(str(parts[i])) for i in order]
+        raise UserError(f"positives shards {list(map(str, parts))} do not cover the prompt table once, in order")
+    loaded = [load_safetensors(parts[i], "positives shard")[0] for i in order]
     tensors = {k: torch.cat([d[k] for d in loaded]).contiguous() for k in loaded[0]}
     n_pos = int(metas[0]["settings"]["n_pos"])
     counts = branch_counts(tensors["source"].numpy(), n_pos)
@@ -274,10 +273,9 @@ def merge_positives(parts: list, out) -> dict:
 
 def load_positives(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a positives cache; FileNotFoundError / ValueError naming the file."""
-    from safetensors.torch import load_file
 
     meta = positives_metadata(path)
-    return load_file(str(path)), meta
+    return load_safetensors(path, "positives cache")[0], meta
 
 
 def positives_metadata(path) -> dict:
@@ -288,7 +286,7 @@ def positives_metadata(path) -> dict:
         raise FileNotFoundError(f"positives cache not found: {path} (made by rules positives_shard + merge_positives)")
     meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT_POSITIVES:
-        raise ValueError(f"{path}: not a positives cache (format {meta.get('format')!r}, "
+        raise UserError(f"{path}: not a positives cache (format {meta.get('format')!r}, "
                          f"expected {FORMAT_POSITIVES!r})")
     return meta
 
@@ -298,7 +296,7 @@ def check_positives_prompts(path, table: PromptTable) -> dict:
     for another training prompt table than `table` (its `prompts_sha256`)."""
     meta = positives_metadata(path)
     if meta.get("prompts_sha256") != table.sha256:
-        raise ValueError(f"positives cache {path} was made for another training prompt table than "
+        raise UserError(f"positives cache {path} was made for another training prompt table than "
                          f"{table.source or '(in memory)'} (sha256 {str(meta.get('prompts_sha256'))[:12]} vs "
                          f"{table.sha256[:12]}): rerun rule merge_positives")
     return meta
@@ -320,7 +318,7 @@ class PositivesSampler:
                  device="cpu"):
         self.device = device
         if latents.ndim < 3 or len(latents) != len(prompt_ids) or len(latents) == 0:
-            raise ValueError(f"positives: latents {tuple(latents.shape)} do not match prompt ids "
+            raise UserError(f"positives: latents {tuple(latents.shape)} do not match prompt ids "
                              f"{tuple(prompt_ids.shape)}")
         self.latents, self.prompt_ids, self.generator = latents, prompt_ids.long(), generator
         self.row_of = {int(p): r for r, p in enumerate(self.prompt_ids.tolist())}

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from eval.conditions import ClassConditions, PromptTable, load_prompt_table
+from eval.errors import BadFile, UserError
 from tfd.config import BenchmarkCfg, ConfigError
 from tfd.data import ClassBalancedSampler, digits_arrays, load_edm_zip
 from tfd.denoiser import Denoiser, load_denoiser
@@ -33,12 +34,45 @@ def conditions(b: BenchmarkCfg, prompts: str | Path | PromptTable | None = None)
     return prompts if isinstance(prompts, PromptTable) else load_prompt_table(prompts)
 
 
+def sample_spec(b: BenchmarkCfg, num_samples: int | None = None):
+    """The `eval.sample.SampleSpec` of benchmark `b`'s sample files: `num_samples` (default
+    `eval.num_samples`) images with seeds from `eval.base_seed`, `channels`; for a class benchmark
+    also the resolution and the class ids `0 .. num_classes - 1` (text benchmarks: images at the
+    sampler's resolution, condition ids are prompt ids checked against the prompt table)."""
+    from eval.sample import SampleSpec
+    text = b.task == "text"
+    return SampleSpec(num_samples=num_samples if num_samples is not None else b.eval.num_samples,
+                      base_seed=b.eval.base_seed, channels=b.channels,
+                      resolution=None if text else b.resolution,
+                      num_conditions=None if text or not b.num_classes else b.num_classes)
+
+
+def check_denoiser(net: Denoiser, b: BenchmarkCfg, path: str | Path, what: str) -> Denoiser:
+    """Refuse a network that does not fit class benchmark `b`: `BadFile` naming the file (`what`:
+    teacher / generator) with the expected vs found channels, resolution and number of classes
+    (`Denoiser.sample_shape`, `num_conditions`). Text benchmarks' latent networks are checked by
+    their loader. Returns `net`."""
+    if b.task == "text":
+        return net
+    want = (b.channels, b.resolution, b.resolution)
+    shape = tuple(getattr(net, "sample_shape", want))
+    if shape != want:
+        raise BadFile(path, f"{what} does not fit the benchmark",
+                      expected=f"channels x resolution {want[0]}x{want[1]}x{want[2]}",
+                      found=f"{shape[0]}x{shape[1]}x{shape[2]}")
+    classes = getattr(net, "num_conditions", b.num_classes)
+    if classes != b.num_classes:
+        raise BadFile(path, f"{what} does not fit the benchmark", expected=f"{b.num_classes} classes",
+                      found=f"{classes}")
+    return net
+
+
 def load_teacher(b: BenchmarkCfg, path: str | Path, device="cpu", prompts: PromptTable | None = None) -> Denoiser:
     """The benchmark's frozen teacher as a `Denoiser`: an EDM-format file, or for a text benchmark
     a local diffusers StableDiffusionXLPipeline folder (`tfd.diffusers_denoiser`, UNet weights in
     `teacher.precision`) with the prompt table bound to its condition ids."""
     if b.task != "text":
-        return load_denoiser(path, device)
+        return check_denoiser(load_denoiser(path, device), b, path, "teacher")
     from tfd.diffusers_denoiser import load_diffusers_denoiser
     dtype = torch.bfloat16 if b.teacher.precision == "bf16" else torch.float32
     return load_diffusers_denoiser(path, prompts=prompts, device=device, dtype=dtype)
@@ -101,9 +135,9 @@ def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, gene
     if run.method == "onestep":  # the initial one-step generator: the teacher once at sigma_max
         return one_step_sampler(load_teacher(b, teacher_path, device, prompts))
     if generator_path is None:
-        raise ValueError(f"run {run_name!r} ({run.method}) needs --generator (its exported generator)")
+        raise UserError(f"run {run_name!r} ({run.method}) needs --generator (its exported generator)")
     from tfd.methods import get_method
-    gen = load_denoiser(generator_path, device, what="generator")
+    gen = check_denoiser(load_denoiser(generator_path, device, what="generator"), b, generator_path, "generator")
     if b.task == "text":
         gen.bind_prompts(prompts)
     return get_method(run.method).sampler_for(gen, run.params)

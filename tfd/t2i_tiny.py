@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from eval.errors import UserError
 from eval.io import atomic_directory
 
 CLIP_VOCAB_SIZE = 49408
@@ -51,7 +52,7 @@ def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != CLIP_VOCAB_SIZE:
-        raise ValueError(f"{default_bpe()}: rebuilt CLIP vocabulary has {len(tokens)} tokens, "
+        raise UserError(f"{default_bpe()}: rebuilt CLIP vocabulary has {len(tokens)} tokens, "
                          f"expected {CLIP_VOCAB_SIZE}")
     return {t: i for i, t in enumerate(tokens)}, merges
 
@@ -124,10 +125,10 @@ def tiny_unet_config(sample_size: int = 8, in_channels: int = 4,
     """
     blocks = tuple(int(c) for c in block_out_channels)
     if len(blocks) != 3 or len(transformer_layers_per_block) != 3:
-        raise ValueError("tiny_unet_config: SDXL's topology has 3 blocks; got block_out_channels="
+        raise UserError("tiny_unet_config: SDXL's topology has 3 blocks; got block_out_channels="
                          f"{blocks}, transformer_layers_per_block={tuple(transformer_layers_per_block)}")
     if any(c % norm_num_groups or c < 16 for c in blocks):
-        raise ValueError(f"tiny_unet_config: block_out_channels {blocks} must be >= 16 and multiples of "
+        raise UserError(f"tiny_unet_config: block_out_channels {blocks} must be >= 16 and multiples of "
                          f"norm_num_groups={norm_num_groups}")
     proj = int(projection_dim if projection_dim is not None else text_hidden[1])
     return {

@@ -3,11 +3,14 @@ benchmark is the paper's, the paper's reported numbers in separate `paper_*` col
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from eval.errors import BadFile, UserError
 from eval.metrics import fid_key
+from eval.score import read_metric
 from tfd.config import Config
 from tfd.runs import run_nfe
 from tfd.utils import atomic_write_json, atomic_write_text, file_sha256, provenance
@@ -17,7 +20,30 @@ def run_dir(results_dir, bench: str, method: str, run: str) -> Path:
     return Path(results_dir) / bench / method / run
 
 
-def collect_row(cfg: Config, results_dir, run_name: str) -> dict:
+def check_protocol(rec: dict, path: Path, b, ref_stats_sha256: str | None = None) -> None:
+    """Refuse a metric record computed on another protocol than benchmark `b`'s config: another
+    number of samples (`eval.num_samples`), another seed range (`eval.base_seed ..`), or, for feature
+    metrics when `ref_stats_sha256` is given, other reference statistics. BadFile naming the file,
+    the field, the config's value and the file's."""
+    n, base = b.eval.num_samples, b.eval.base_seed
+    if rec["n"] != n:
+        raise BadFile(path, "computed on another number of samples than the config's", key="n",
+                      expected=f"{n} (eval.num_samples)", found=rec["n"], hint="rescore (snakemake reruns it)")
+    prov = rec.get("provenance") or {}
+    seeds = prov.get("seeds")
+    if seeds is not None and list(seeds) != [base, base + n - 1]:
+        raise BadFile(path, "computed on another seed range than the config's", key="provenance.seeds",
+                      expected=f"[{base}, {base + n - 1}] (eval.base_seed)", found=seeds)
+    theirs = prov.get("ref_stats_sha256")
+    if ref_stats_sha256 and theirs and theirs != ref_stats_sha256:
+        raise BadFile(path, "computed against other reference statistics than the table's",
+                      key="provenance.ref_stats_sha256", expected=ref_stats_sha256[:16], found=theirs[:16])
+
+
+def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str | None = None) -> dict:
+    """One table row of run `run_name`: its metrics (each file read by `read_metric` and checked
+    against the config's protocol by `check_protocol`), NFE, training cost, convergence thresholds
+    and the paper's numbers."""
     b = cfg.bench()
     run = b.runs[run_name]
     d = run_dir(results_dir, cfg.benchmark, run.method, run_name)
@@ -26,10 +52,15 @@ def collect_row(cfg: Config, results_dir, run_name: str) -> dict:
         row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
     for metric in b.eval.metrics:
         f = d / "metrics" / f"{metric}.json"
-        row[metric] = json.loads(f.read_text())["value"] if f.is_file() else None
+        if run.missing_weights and not f.is_file():
+            row[metric] = None
+            continue
+        rec = read_metric(f, metric)
+        check_protocol(rec, f, b, ref_stats_sha256)
+        row[metric] = rec["value"]
     train = d / "train.json"
     if train.is_file():
-        t = json.loads(train.read_text())
+        t = read_json(train)
         row["iters"] = t.get("iters")
         row["generator_updates"] = t.get("generator_updates")
         row["train_wall_s"] = round(t.get("train_wall_s", float("nan")), 1)
@@ -45,7 +76,33 @@ def collect_row(cfg: Config, results_dir, run_name: str) -> dict:
 def read_convergence(d: Path) -> list[dict]:
     """The run's convergence record (`convergence.jsonl`: FID on a fixed sample set every K iterations)."""
     f = d / "convergence.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+    if not f.is_file():
+        return []
+    out = []
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadFile(f"{f}:{i}", "not a JSON record (truncated or damaged)", found=e) from None
+        bad = {k: v for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
+        if not isinstance(rec.get("step"), int) or bad:
+            raise BadFile(f"{f}:{i}", "not a convergence record", expected="an int step and finite values",
+                          found=f"step {rec.get('step')!r}" + (f", non-finite {bad}" if bad else ""))
+        out.append(rec)
+    return out
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file (train.json, ...); BadFile naming it when it is not one."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFile(path, "not readable JSON (truncated or damaged)", found=e) from None
+    if not isinstance(rec, dict):
+        raise BadFile(path, "not a JSON object", found=type(rec).__name__)
+    return rec
 
 
 def _fid(rec: dict):
@@ -93,15 +150,18 @@ def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
                       + df.to_html(index=False, na_rep="", border=0) + "\n")
 
 
-def write_table(cfg: Config, results_dir, out, table: str = "table1") -> pd.DataFrame:
+def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=None) -> pd.DataFrame:
     """`results/table1.csv` or `table2.csv` (+ `.md`, `.html`): one row per run of the benchmark's
     `table1`/`table2` list (table1 default: every run) with its metrics, NFE and training cost;
-    the paper's numbers in `paper_*` columns. ValueError for a table the benchmark does not have."""
+    the paper's numbers in `paper_*` columns. ValueError for a table the benchmark does not have;
+    BadFile / FileNotFoundError for a missing, damaged or other-protocol metric file (`ref_stats`:
+    the reference statistics every feature metric must have used)."""
     b = cfg.bench()
     rows = getattr(b, table) or (list(b.runs) if table == "table1" else [])
     if not rows:
-        raise ValueError(f"benchmark {cfg.benchmark!r} has no {table} rows (benchmarks.{cfg.benchmark}.{table})")
-    df = pd.DataFrame([collect_row(cfg, results_dir, r) for r in rows])
+        raise UserError(f"benchmark {cfg.benchmark!r} has no {table} rows (benchmarks.{cfg.benchmark}.{table})")
+    ref_sha = file_sha256(ref_stats) if ref_stats else None
+    df = pd.DataFrame([collect_row(cfg, results_dir, r, ref_sha) for r in rows])
     note = (f"Benchmark `{cfg.benchmark}`. Measured by this suite"
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
@@ -141,7 +201,7 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
     the full evaluation set; `curves_out`: the variants' convergence records (long format)."""
     b = cfg.bench()
     if name not in b.ablations:
-        raise ValueError(f"unknown ablation {name!r} (configured: {', '.join(sorted(b.ablations)) or 'none'})")
+        raise UserError(f"unknown ablation {name!r} (configured: {', '.join(sorted(b.ablations)) or 'none'})")
     abl = b.ablations[name]
     budgets = ablation_budgets(cfg, name)
     rows, curves = [], []
@@ -154,10 +214,12 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
         for bud in budgets:
             row[f"best_{fid_name}@{bud}"] = best_within(curve, bud)
         train = d / "train.json"
-        row["iters"] = json.loads(train.read_text()).get("iters") if train.is_file() else None
+        row["iters"] = read_json(train).get("iters") if train.is_file() else None
         for metric in b.eval.metrics:
             f = d / "metrics" / f"{metric}.json"
-            row[f"final_{metric}"] = json.loads(f.read_text())["value"] if f.is_file() else None
+            rec = read_metric(f, metric)
+            check_protocol(rec, f, b)
+            row[f"final_{metric}"] = rec["value"]
         rows.append(row)
         curves += [{"ablation": name, "variant": label, "run": rname, **rec} for rec in curve]
     df = pd.DataFrame(rows)

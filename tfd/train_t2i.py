@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eval.errors import UserError
 from eval.io import atomic_directory, atomic_write_json, provenance
 from eval.sample import dequantise_edm
 from tfd.t2i_tiny import (
@@ -65,7 +66,7 @@ def images_to_float(images_u8_nhwc: np.ndarray) -> torch.Tensor:
     if a.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {a.dtype}")
     if a.ndim != 4:
-        raise ValueError(f"expected NHWC images, got shape {a.shape}")
+        raise UserError(f"expected NHWC images, got shape {a.shape}")
     return dequantise_edm(torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))))
 
 
@@ -218,7 +219,7 @@ def caption_table(captions: Sequence[Sequence[str]]) -> tuple[list[str], torch.T
     order, int64 [M] caption id of every (image, caption) pair flattened, int64 [N+1] offsets of
     each image's pairs). ValueError when an image has no caption."""
     if any(len(c) == 0 for c in captions):
-        raise ValueError("every image needs at least one caption")
+        raise UserError("every image needs at least one caption")
     ids: dict[str, int] = {}
     flat = [ids.setdefault(c, len(ids)) for caps in captions for c in caps]
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in captions])])
@@ -269,7 +270,7 @@ def teacher_unet_config(latent_shape: Sequence[int], text_hidden: tuple[int, int
     over = {**TEACHER_UNET, **(overrides or {})}
     for k, v in base.items():
         if k in over and (tuple(over[k]) if k == "text_hidden" else int(over[k])) != v:
-            raise ValueError(f"unet_config_overrides[{k!r}] = {over[k]!r} contradicts the data ({v!r})")
+            raise UserError(f"unet_config_overrides[{k!r}] = {over[k]!r} contradicts the data ({v!r})")
     return tiny_unet_config(**{**over, **base})
 
 
@@ -299,7 +300,7 @@ def train_t2i_teacher(images_u8_nhwc: np.ndarray, captions: Sequence[Sequence[st
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if len(images_u8_nhwc) != len(captions):
-        raise ValueError(f"{len(images_u8_nhwc)} images but {len(captions)} caption lists")
+        raise UserError(f"{len(images_u8_nhwc)} images but {len(captions)} caption lists")
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     x0 = encode_latents(vae, images_to_float(images_u8_nhwc)) * vae.config.scaling_factor
     te1, te2 = tiny_text_encoders(text_seed, text_hidden)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval.errors import UserError
 from tfd.config import TeacherCfg
 from tfd.denoiser import EDMDenoiser
 from tfd.utils import JsonlLogger, atomic_write_json, provenance
@@ -29,7 +30,7 @@ def build_teacher_arch(cfg: TeacherCfg, label_dim: int, resolution: int, channel
     from tfd.networks import edm
 
     if cfg.arch != "digits":
-        raise ValueError(f"teacher.arch {cfg.arch!r}: only the 'digits' preset can be trained here")
+        raise UserError(f"teacher.arch {cfg.arch!r}: only the 'digits' preset can be trained here")
     kwargs = edm.digits_unet_kwargs(**{"label_dim": label_dim, "img_resolution": resolution,
                                        "img_channels": channels, **cfg.arch_overrides})
     return edm.EDMPrecond(**kwargs)

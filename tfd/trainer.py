@@ -5,11 +5,19 @@ A method (tfd.methods) owns networks and losses; `train_step` returns one loss p
 update. Gradients are averaged over ranks with one flat all-reduce per network (the arithmetic of
 DistributedDataParallel, without wrapping modules, so a method may run any network any number of
 times per step).
+
+Faults a cluster job meets are survived, so that a resubmitted (SLURM) job makes progress: a job
+killed at any point resumes from its last good checkpoint, and its logs hold each step once; a
+damaged checkpoint (truncated, bit rot: checked against its sha256) is set aside and the one
+before it resumed; a second trainer on the same run folder is refused (`RunBusy`); a full disk
+stops the run with the `OSError` and leaves the previous checkpoint in place.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,21 +26,170 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from eval.errors import UserError
 from tfd import dist
 from tfd.config import TrainCfg  # noqa: F401  (re-exported: the trainer's settings)
-from tfd.utils import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
+from tfd.utils import (
+    JsonlLogger,
+    RunLock,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    provenance,
+    temp_path,
+)
 
 
-class NonFiniteLoss(FloatingPointError):
-    pass
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A loss of the step is NaN/inf (the message names the step, the losses and the last good checkpoint)."""
+
+
+# The keys of a resume state (`Trainer.state_dict`); a checkpoint lacking one is damaged.
+CKPT_KEYS = ("step", "train_wall_s", "updates", "nets", "opts", "ema", "scaler", "rng", "world_size", "config",
+             "method", "method_params")
+
+
+def _warn(msg: str) -> None:
+    """One warning line on stderr (from the calling rank)."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def checksum_path(path: Path) -> Path:
+    """The checksum file of checkpoint `path`: `<name>.sha256`, one line `<hex sha256>  <name>`
+    (the format of `sha256sum`, so `cd ckpt && sha256sum -c *.sha256` checks them by hand)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of the file's bytes, read now (no cache: a damaged file must be seen as it is)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _read_checksum(side: Path) -> str:
+    """The hex digest of a `.sha256` file; ValueError when it holds none."""
+    words = side.read_text(errors="replace").split()
+    if not words or len(words[0]) != 64 or any(c not in "0123456789abcdef" for c in words[0]):
+        raise ValueError(f"{side}: no sha256 in it")
+    return words[0]
+
+
+class _HashingFile:
+    """A binary file wrapper that hashes (sha256) what is written through it, in order. `hexdigest()`
+    is None when the writer seeked (the bytes on disk are then not the written stream)."""
+
+    def __init__(self, f):
+        self._f, self._h, self._linear = f, hashlib.sha256(), True
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._h.update(memoryview(data)[:n] if n is not None else data)
+        return n
+
+    def seek(self, *args):
+        self._linear = False
+        return self._f.seek(*args)
+
+    def hexdigest(self) -> str | None:
+        return self._h.hexdigest() if self._linear else None
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _save_checkpoint_file(state: dict, path: Path) -> str:
+    """`torch.save(state)` to `path` atomically (`eval.io.atomic_write`: on a full disk the OSError is
+    raised and no temporary file is left), then its checksum file; returns the hex sha256."""
+    digest = {}
+
+    def write(f):
+        h = _HashingFile(f)
+        torch.save(state, h)
+        digest["sha"] = h.hexdigest()
+
+    atomic_write(path, write)
+    sha = digest["sha"] or _sha256(path)
+    atomic_write_text(checksum_path(path), f"{sha}  {path.name}\n")
+    return sha
+
+
+def _rotate(cur: Path, prev: Path) -> None:
+    """Make the latest checkpoint `cur` the previous one `prev` (with its checksum file), before a new
+    `cur` is written. Each step leaves every checksum file either matching its checkpoint or absent
+    (an unverified but readable checkpoint), so a kill -9 between any two steps never makes a good
+    checkpoint look damaged."""
+    side_cur, side_prev = checksum_path(cur), checksum_path(prev)
+    if not cur.exists():
+        side_cur.unlink(missing_ok=True)  # an orphan (killed between the steps below)
+        return
+    side_prev.unlink(missing_ok=True)
+    os.replace(cur, prev)
+    try:
+        sha = _read_checksum(side_cur) if side_cur.is_file() else None
+    except (OSError, ValueError):
+        sha = None
+    if sha is not None:
+        atomic_write_text(side_prev, f"{sha}  {prev.name}\n")
+    side_cur.unlink(missing_ok=True)
+
+
+def _set_aside(path: Path, tag: str) -> Path:
+    """Rename checkpoint `path` (and its checksum file) to `<name>.<tag>`; `corrupt` never replaces an
+    older one (`<name>.corrupt.1`, `.2`, ... instead), `stale` does. Returns the new path."""
+    dest = path.with_name(f"{path.name}.{tag}")
+    n = 0
+    while tag == "corrupt" and (dest.exists() or checksum_path(dest).exists()):
+        n += 1
+        dest = path.with_name(f"{path.name}.{tag}.{n}")
+    os.replace(path, dest)
+    if checksum_path(path).exists():
+        os.replace(checksum_path(path), checksum_path(dest))
+    else:
+        checksum_path(dest).unlink(missing_ok=True)
+    return dest
+
+
+def _gather(obj) -> list:
+    """`obj` of every rank, by rank (`[obj]` in one process)."""
+    if not dist.is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 class Trainer:
     """Runs `method.train_step` for `cfg.steps` steps in `run_dir`.
 
-    Files: `run_dir/ckpt/training-state.pt` (resume state: networks, optimisers, EMA, RNG, step),
-    `run_dir/generator.safetensors` (the exported generator, written by its `Denoiser.save`),
-    `stats.jsonl`, `train.json`.
+    Files (rank 0 writes all but the other ranks' checkpoints; every file gets the umask's mode):
+
+        run_dir/generator.safetensors   the exported generator (its EMA when enabled), by its `Denoiser.save`
+        run_dir/train.json              iterations, updates, wall time, world size, config, provenance
+        run_dir/stats.jsonl             one record per `log_every` steps: step, mean losses, lr_scale, ...
+        run_dir/convergence.jsonl       one record per `eval_every` steps: step, generator updates,
+                                        train_wall_s (s) and the `eval_fn` metrics (when given)
+        run_dir/train.lock              the run folder's lock (flock, rank 0; see `tfd.utils.RunLock`)
+        run_dir/train.lock.holder       who holds it: host, pid, start time (JSON; removed on release)
+        run_dir/ckpt/training-state.pt          the latest resume state: networks, optimisers, EMA, RNG,
+                                                step, config (rank 0; rank r>0: training-state-rank<r>.pt,
+                                                its RNG and a copy of the weights)
+        run_dir/ckpt/training-state.pt.sha256   its sha256 (`sha256sum` format), written after it
+        run_dir/ckpt/training-state.prev.pt     the checkpoint before the latest (+ `.sha256`): the fallback
+        run_dir/ckpt/<name>.corrupt[.N]         set aside on resume: unreadable, checksum mismatch or
+                                                missing keys (an older one is never replaced)
+        run_dir/ckpt/<name>.stale               set aside on resume: written with other settings
+
+    Resume (`fit(resume=True)`, `try_resume`) takes the latest checkpoint that reads back whole (and
+    matches its checksum, when it has one: checkpoints of older versions have none and are resumed
+    unverified), falling back to `.prev`, else starting from scratch with a warning; logs are cut back
+    to the resumed step. Under DDP the ranks agree on one step. Errors: `RunBusy` (another trainer
+    holds the folder), `eval.errors.BadFile` (folder not writable), `UserError` (resumed with another
+    number of processes), `NonFiniteLoss`; `OSError` (disk full: ENOSPC/EFBIG) from a checkpoint
+    write, which leaves no temporary file and the previous checkpoint resumable.
     """
 
     def __init__(self, method, cfg: TrainCfg, run_dir: str | Path, device="cpu",
@@ -51,7 +208,7 @@ class Trainer:
                     if isinstance(m, Denoiser):
                         m.set_gradient_checkpointing(True)
         if cfg.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"precision {cfg.precision!r} needs a GPU; use fp32 on CPU")
+            raise UserError(f"precision {cfg.precision!r} needs a GPU; use fp32 on CPU")
         self.opts = {
             name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                     lr=cfg.lr_by_network.get(name, cfg.lr), betas=tuple(cfg.betas),
@@ -63,6 +220,9 @@ class Trainer:
         self.step = 0
         self.train_wall_s = 0.0
         self.updates = {name: 0 for name in self.nets}   # optimiser steps per network (DMD2: generator every 5th)
+        # The next checkpoint keeps the latest one as `.prev`: only once this run has resumed or saved one
+        # (after a fresh start the files there belong to an earlier run and are not a fallback for this one).
+        self._keep_previous = False
         if dist.is_distributed():  # identical initial weights on every rank
             for net in self.nets.values():
                 for p in net.parameters():
@@ -83,8 +243,7 @@ class Trainer:
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
-            raise RuntimeError(f"checkpoint was written with {s['world_size']} processes, resuming with "
-                               f"{dist.get_world_size()}: resume with the same number for an exact continuation")
+            raise UserError(self._world_size_message(s["world_size"]))
         self.step, self.train_wall_s, self.updates = s["step"], s["train_wall_s"], dict(s["updates"])
         for k, net in self.nets.items():
             net.load_state_dict(s["nets"][k], strict=True)
@@ -98,42 +257,138 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["rng"]["cuda"])
         self.method.data.generator.set_state(s["rng"]["data"])
 
-    def _rank_ckpt_path(self) -> Path:
-        """This rank's checkpoint: `training-state.pt` (rank 0) or `training-state-rank<r>.pt`."""
+    def _world_size_message(self, theirs: int) -> str:
+        n = dist.get_world_size()
+        return (f"{self.ckpt_path.parent}: the checkpoint was written by {theirs} process(es) and this run has {n}: "
+                f"resume with {theirs} (torchrun --nproc_per_node {theirs}) for an exact continuation, or start "
+                f"afresh with `tfd distill --no-resume`")
+
+    def _ckpt_files(self) -> tuple[Path, Path]:
+        """This rank's latest and previous checkpoints: `training-state.pt` / `training-state.prev.pt`
+        (rank 0), `training-state-rank<r>.pt` / `training-state-rank<r>.prev.pt` (rank r)."""
         rank = dist.get_rank()
-        return self.ckpt_path if rank == 0 else self.ckpt_path.with_name(f"training-state-rank{rank}.pt")
+        stem = "training-state" if rank == 0 else f"training-state-rank{rank}"
+        return self.ckpt_path.with_name(f"{stem}.pt"), self.ckpt_path.with_name(f"{stem}.prev.pt")
+
+    def _rank_ckpt_path(self) -> Path:
+        """This rank's latest checkpoint: `training-state.pt` (rank 0) or `training-state-rank<r>.pt`."""
+        return self._ckpt_files()[0]
 
     def save_checkpoint(self) -> None:
-        """Per-rank RNG differs, so every rank keeps its own file; rank 0's also holds the weights."""
+        """Write this rank's checkpoint (per-rank RNG differs, so every rank keeps its own file; rank 0's
+        also holds the weights): the latest becomes `.prev`, the new one is written atomically, then its
+        `.sha256`. Raises the OSError of a full disk (ENOSPC/EFBIG) with no temporary file left and the
+        `.prev` checkpoint in place."""
         state = self.state_dict()
-        path = self._rank_ckpt_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, path)
+        cur, prev = self._ckpt_files()
+        cur.parent.mkdir(parents=True, exist_ok=True)
+        if self._keep_previous:
+            _rotate(cur, prev)
+        else:  # first checkpoint after a fresh start: an earlier run's files are no fallback for this one
+            for p in (checksum_path(prev), prev, checksum_path(cur)):
+                p.unlink(missing_ok=True)
+        _save_checkpoint_file(state, cur)
+        self._keep_previous = True
         dist.barrier()
 
     # Settings that may change between a run and its resumption (e.g. extending `steps`).
     RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "eval_every")
 
-    def _same_run(self, s: dict) -> bool:
+    def _stale_reason(self, s: dict) -> str | None:
+        """Why checkpoint state `s` belongs to another run (other settings, method, parameters or
+        network shapes), or None when this run can resume it."""
         ours = {k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES}
-        theirs = {k: v for k, v in s["config"].items() if k not in self.RESUMABLE_CHANGES}
-        return (ours == theirs and s.get("method") == self.method.name
-                and s.get("method_params") == asdict(self.method.params))
+        theirs = {k: v for k, v in dict(s["config"]).items() if k not in self.RESUMABLE_CHANGES}
+        if ours != theirs:
+            changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            return f"other settings ({', '.join(changed)})"
+        if s.get("method") != self.method.name:
+            return f"another method ({s.get('method')!r})"
+        if s.get("method_params") != asdict(self.method.params):
+            return "other method parameters"
+        for name, net in self.nets.items():
+            mine, saved = net.state_dict(), dict(s["nets"]).get(name)
+            if saved is None or mine.keys() != saved.keys() or any(
+                    tuple(v.shape) != tuple(getattr(saved[k], "shape", ())) for k, v in mine.items()):
+                return f"other networks ({name!r} differs)"
+        return None
+
+    def _same_run(self, s: dict) -> bool:
+        return self._stale_reason(s) is None
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict | None, str | None]:
+        """(state, None) when checkpoint `path` matches its `.sha256` (when it has one), loads and has
+        every key of `CKPT_KEYS`; (None, what is wrong) otherwise. Permission errors and MemoryError
+        propagate (the file is not at fault)."""
+        side = checksum_path(path)
+        if side.is_file():
+            try:
+                want = _read_checksum(side)
+            except ValueError:
+                return None, f"{side.name} holds no sha256"
+            got = _sha256(path)
+            if got != want:
+                return None, f"checksum mismatch: {side.name} says {want[:12]}..., the file hashes to {got[:12]}..."
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except (MemoryError, PermissionError):
+            raise
+        except Exception as e:  # truncated zip, bad pickle, ...: torch raises many kinds
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return None, f"unreadable ({type(e).__name__}: {first})"
+        if not isinstance(state, dict):
+            return None, f"not a training state (a {type(state).__name__})"
+        missing = [k for k in CKPT_KEYS if k not in state]
+        if missing:
+            return None, f"missing keys {missing}"
+        return state, None
 
     def try_resume(self) -> bool:
-        """Resume from this run's checkpoint; one written with other settings is set aside, not resumed."""
-        path = self._rank_ckpt_path()
-        if not path.is_file():
-            return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if not self._same_run(state):
-            os.replace(path, path.with_name(path.name + ".stale"))
-            dist.print0(f"warning: {path} was written with other settings; starting from scratch "
-                        f"(old checkpoint kept as {path.name}.stale)")
-            return False
-        self.load_state_dict(state)
-        dist.print0(f"resumed from {path} at step {self.step}")
-        return True
+        """Resume from this run's latest good checkpoint; returns whether it did.
+
+        Candidates: `training-state.pt`, then `training-state.prev.pt` (this rank's files). A damaged one
+        (unreadable, checksum mismatch, missing keys) is renamed `<name>.corrupt` with a warning and the
+        next one tried; one written with other settings is set aside as `.stale` (with the older one)
+        and the run starts from scratch; none good: from scratch, with a warning when one was damaged.
+        Under DDP every rank resumes the same step (the newest that all ranks have), or none does.
+        Raises `UserError` when the checkpoint was written by another number of processes."""
+        cands = [p for p in self._ckpt_files() if p.is_file()]
+        rank, i, damaged = dist.get_rank(), 0, False
+        while True:
+            state = None
+            while state is None and i < len(cands):
+                state, problem = self._read_checkpoint(cands[i])
+                if problem is not None:
+                    dest = _set_aside(cands[i], "corrupt")
+                    _warn(f"{cands[i]}: damaged checkpoint, {problem}; set aside as {dest.name}")
+                    damaged, i = True, i + 1
+            mine = None if state is None else {"step": int(state["step"]), "world_size": state["world_size"],
+                                               "stale": self._stale_reason(state)}
+            views = _gather(mine)
+            if any(v and v["stale"] for v in views):
+                if mine and mine["stale"] and (rank == 0 or not (views[0] and views[0]["stale"])):
+                    _warn(f"{cands[i]} was written with {mine['stale']}; starting from scratch (old checkpoint "
+                          f"kept as {cands[i].name}.stale)")
+                for p in cands[i:]:
+                    _set_aside(p, "stale")
+                return False
+            bad = [v["world_size"] for v in views if v and v["world_size"] != dist.get_world_size()]
+            if bad:
+                raise UserError(self._world_size_message(bad[0]))
+            if any(v is None for v in views):
+                if state is None and damaged:
+                    _warn(f"no good checkpoint left in {self.ckpt_path.parent}; starting from scratch")
+                elif state is not None and rank == 0:
+                    _warn(f"rank {views.index(None)} has no good checkpoint; all ranks start from scratch")
+                return False
+            low = min(v["step"] for v in views)
+            if all(v["step"] == low for v in views):
+                self.load_state_dict(state)
+                self._keep_previous = True
+                dist.print0(f"resumed from {cands[i]} at step {self.step}")
+                return True
+            if mine["step"] > low:  # another rank lacks this step: try this rank's older checkpoint
+                state, i = None, i + 1
 
     def export_generator(self) -> Path:
         """Write the generator (its EMA when enabled) with its own `save()` (rank 0)."""
@@ -213,16 +468,59 @@ class Trainer:
         conv.write({"step": self.step, "generator_updates": self.updates["generator"],
                     "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
 
+    def _claim_run_dir(self) -> RunLock | None:
+        """Rank 0 checks that the run and checkpoint folders are writable (`BadFile` otherwise) and locks
+        the run folder (`RunBusy` when another trainer holds it); under DDP the other ranks raise a
+        `UserError` with rank 0's message. Then every rank removes the temporary files of its outputs
+        that a killed job left. Returns the lock to release (rank 0)."""
+        lock, err = None, None
+        if dist.get_rank() == 0:
+            try:
+                ensure_writable_dir(self.run_dir, "run folder")
+                ensure_writable_dir(self.ckpt_path.parent, "checkpoint folder")
+                lock = RunLock(self.run_dir, "run folder").acquire()
+            except UserError as e:
+                err = e
+        if dist.is_distributed():
+            msg = [None if err is None else str(err)]
+            torch.distributed.broadcast_object_list(msg, src=0)
+            if msg[0] is not None and err is None:
+                err = UserError(f"rank 0: {msg[0]}")
+        if err is not None:
+            raise err
+        outputs = [p for f in self._ckpt_files() for p in (f, checksum_path(f))]
+        if dist.get_rank() == 0:
+            outputs += [self.run_dir / n for n in ("stats.jsonl", "convergence.jsonl", "train.json",
+                                                   "generator.safetensors")]
+        for out in outputs:  # `.<name>.tmp<pid>` of any pid: the lock says no live trainer writes here
+            pattern = temp_path(out).name.removesuffix(str(os.getpid())) + "*"
+            for f in out.parent.glob(pattern):
+                if f.is_file():
+                    f.unlink(missing_ok=True)
+        return lock
+
     def fit(self, resume: bool = True) -> dict:
         """Train to `cfg.steps` iterations (resuming from this run's checkpoint by default), export
-        the generator, write `train.json`; returns its contents."""
+        the generator, write `train.json`; returns its contents. Holds the run folder's lock
+        throughout (released on return and on any exception); see the class docstring for the files
+        and the errors."""
+        lock = self._claim_run_dir()
+        try:
+            return self._fit(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1000 + dist.get_rank())  # per-rank seed offset
-        if not (resume and self.try_resume()) and dist.get_rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.try_resume()
         rank0 = dist.get_rank() == 0
-        log = JsonlLogger(self.run_dir / "stats.jsonl", append=self.step > 0) if rank0 else None
-        conv = JsonlLogger(self.run_dir / "convergence.jsonl", append=self.step > 0) if rank0 else None
+        # continuing: cut the logs back to the resumed step (the steps after it are trained again)
+        upto = self.step if self.step > 0 else None
+        log = JsonlLogger(self.run_dir / "stats.jsonl", resume_step=upto) if rank0 else None
+        conv = JsonlLogger(self.run_dir / "convergence.jsonl", resume_step=upto) if rank0 else None
         recording = self.eval_fn is not None and cfg.eval_every > 0 and conv is not None
         if recording and self.step == 0:  # the initial generator (the EMA equals it at step 0)
             conv.write({"step": 0, "generator_updates": 0, "train_wall_s": 0.0,

@@ -45,6 +45,7 @@ from typing import Literal
 
 import torch
 
+from eval.errors import UserError
 from tfd.methods import Method, StepOutput, register
 from tfd.sampling import karras_sigmas
 
@@ -85,7 +86,7 @@ class CD(Method):
         super().__init__(teacher, data, params, device)
         p = params
         if p.num_scales < 2:
-            raise ValueError(f"num_scales must be >= 2, got {p.num_scales}")
+            raise UserError(f"num_scales must be >= 2, got {p.num_scales}")
         self.online = teacher.copy()
         # Never stepped (no loss is returned for it); requires_grad stays on only because the
         # trainer builds an optimiser per entry and refuses an empty parameter list.

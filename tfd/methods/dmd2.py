@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.errors import UserError
 from tfd.methods import Method, StepOutput, generator_input, register
 from tfd.sampling import karras_sigmas
 
@@ -127,7 +128,7 @@ class DMD2(Method):
         super().__init__(teacher, data, params, device)
         p = params
         if p.dfake_gen_update_ratio < 1:
-            raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {p.dfake_gen_update_ratio}")
+            raise UserError(f"dfake_gen_update_ratio must be >= 1, got {p.dfake_gen_update_ratio}")
         self.generator = teacher.copy()
         net = teacher.copy()
         head = None
@@ -146,7 +147,7 @@ class DMD2(Method):
         if p.sigma_grid == "discrete":
             self.karras = teacher.discrete_sigmas().float().to(device)
             if len(self.karras) != p.num_train_timesteps:
-                raise ValueError(f"sigma_grid 'discrete': the teacher has {len(self.karras)} timesteps, "
+                raise UserError(f"sigma_grid 'discrete': the teacher has {len(self.karras)} timesteps, "
                                  f"num_train_timesteps is {p.num_train_timesteps}")
         else:
             self.karras = karras_sigmas(p.num_train_timesteps, teacher.sigma_min, teacher.sigma_max,

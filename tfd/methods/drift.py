@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.errors import UserError
 from tfd.methods import register
 from tfd.methods.tfd import TFD, TFDParams, pooled
 
@@ -84,11 +85,11 @@ class Drift(TFD):
             self.randnet = RandomFeatureNet(teacher.sample_shape[0], p.randnet_width, p.randnet_levels,
                                             p.randnet_seed).to(device)
         else:
-            raise ValueError(f"space must be 'pixel' or 'randnet', got {p.space!r}")
+            raise UserError(f"space must be 'pixel' or 'randnet', got {p.space!r}")
         layers = list(p.layers) or valid
         bad = [name for name in layers if name not in valid]
         if bad:
-            raise ValueError(f"drift space {p.space!r}: unknown layers {bad} (valid: {valid})")
+            raise UserError(f"drift space {p.space!r}: unknown layers {bad} (valid: {valid})")
         self.params = dataclasses.replace(p, layers=layers)
 
     def teacher_features(self, x, xi, sigma_f, cond):

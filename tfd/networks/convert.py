@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from eval.io import atomic_save_safetensors, file_sha256, read_safetensors_metadata
+from eval.errors import BadFile, UserError
+from eval.io import atomic_save_safetensors, file_sha256, load_safetensors, read_safetensors_metadata
 
 from .edm import EDMPrecond, imagenet64_adm_kwargs
 
@@ -85,10 +85,24 @@ def load_edm_safetensors(path, device="cpu") -> EDMPrecond:
         raise FileNotFoundError(f"EDM safetensors file not found: {path}")
     meta = read_safetensors_metadata(path)
     if "init_kwargs" not in meta:
-        raise ValueError(f"{path} has no 'init_kwargs' metadata; convert it with `tfd convert-edm`")
+        raise UserError(f"{path} has no 'init_kwargs' metadata; convert it with `tfd convert-edm`")
     kwargs = meta["init_kwargs"]
-    net = EDMPrecond(**(json.loads(kwargs) if isinstance(kwargs, str) else kwargs))  # older files: a JSON string
-    net.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs  # older files: a JSON string
+        net = EDMPrecond(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise BadFile(path, "init_kwargs do not describe an EDM network", key="init_kwargs", found=e) from None
+    state = load_safetensors(path, "EDM network")[0]
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise BadFile(path, "tensors do not fit the network its init_kwargs describe",
+                      found="; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
+                                                  f"unexpected {unexpected[:3]}" if unexpected else "",
+                                                  f"shapes {shapes[:3]}" if shapes else "") if x))
+    net.load_state_dict(state, strict=True)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -103,13 +117,17 @@ def convert_edm_pickle(pkl_path, out_path) -> dict:
     except ImportError as e:  # includes ModuleNotFoundError
         root = (e.name or "").split(".")[0]
         if root in EDM_MODULES:
-            raise RuntimeError(f"{EDM_IMPORT_HINT} (unpickling failed: {e})") from e
+            raise UserError(f"{EDM_IMPORT_HINT} (unpickling failed: {e})") from e
         if root in EDM_DEPS:
-            raise RuntimeError(f"EDM's dnnlib needs `{root}` at conversion time "
+            raise UserError(f"EDM's dnnlib needs `{root}` at conversion time "
                                f"(`pip install requests setuptools`): {e}") from e
         raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        what = "an empty file" if pkl_path.stat().st_size == 0 else f"{type(e).__name__}: {e}"
+        raise BadFile(pkl_path, "not an EDM network pickle (not a readable pickle)", found=what,
+                      hint="give the .pkl of EDM's release (e.g. edm-imagenet-64x64-cond-adm.pkl)") from None
     if not isinstance(data, dict) or "ema" not in data:
-        raise ValueError(f"{pkl_path} is not an EDM network pickle (expected a dict with key 'ema')")
+        raise UserError(f"{pkl_path} is not an EDM network pickle (expected a dict with key 'ema')")
     ema = data["ema"]
 
     kwargs = _edm_init_kwargs(ema)
@@ -122,10 +140,13 @@ def convert_edm_pickle(pkl_path, out_path) -> dict:
     missing = sorted(set(net.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(net.state_dict()))
     if missing or unexpected:
-        raise RuntimeError(f"{pkl_path.name} does not match EDMPrecond({kwargs}): "
+        raise UserError(f"{pkl_path.name} does not match EDMPrecond({kwargs}): "
                            f"missing keys {missing}; unexpected keys {unexpected}")
-    net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
-                         for k, v in state.items()}, strict=True)
+    try:
+        net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                             for k, v in state.items()}, strict=True)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f"{pkl_path.name} does not match EDMPrecond({kwargs}): {e}") from None
 
     sha = file_sha256(pkl_path)
     source = f"{pkl_path.name} sha256:{sha}"

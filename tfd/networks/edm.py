@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.functional import silu
 
+from eval.errors import UserError
+
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """EDM's unified initialiser: xavier/kaiming, uniform/normal."""
@@ -271,7 +273,7 @@ class EDMPrecond(nn.Module):
                  sigma_max=float("inf"), sigma_data=0.5, model_type="DhariwalUNet", **model_kwargs):
         super().__init__()
         if model_type != "DhariwalUNet":
-            raise ValueError(f"model_type {model_type!r} is not supported (only 'DhariwalUNet')")
+            raise UserError(f"model_type {model_type!r} is not supported (only 'DhariwalUNet')")
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
@@ -368,14 +370,14 @@ def resolve_layer(net: nn.Module, name: str) -> tuple[str, nn.Module]:
         keys = list(getattr(unet, part).keys())
         i = int(m[2]) if m else len(keys) - 1
         if i >= len(keys):
-            raise ValueError(f"layer {name!r} out of range: {part} has {len(keys)} entries (0..{len(keys) - 1})")
+            raise UserError(f"layer {name!r} out of range: {part} has {len(keys)} entries (0..{len(keys) - 1})")
         return f"{prefix}{part}.{keys[i]}", getattr(unet, part)[keys[i]]
     if name:
         try:
             return name, net.get_submodule(name)
         except AttributeError:
             pass
-    raise ValueError(
+    raise UserError(
         f"unknown layer {name!r}; use 'enc:I' (0..{len(unet.enc) - 1}), 'dec:I' "
         f"(0..{len(unet.dec) - 1}), 'bottleneck', or a module path like '{prefix}enc.{next(iter(unet.enc))}'")
 

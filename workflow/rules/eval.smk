@@ -28,7 +28,8 @@ rule merge_samples:
     log:
         "logs/{bench}/merge_{method}_{run}.log",
     shell:
-        "OMP_NUM_THREADS={threads} tfd merge-samples --out {output} {input} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tfd merge-samples --config {CONFIG_FILE} --bench {wildcards.bench} "
+        "--out {output} {input} > {log} 2>&1"
 
 
 # One score rule per active benchmark (its metric files are its outputs): `score` for Table 1's
