@@ -556,6 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_outputs_writable(args) -> None:
+    """Before any work: the folder of every output a command names (`--out`, `--out-dir`) can be
+    written (`eval.io.ensure_writable_dir`), so a long job does not fail at its last step."""
+    from pathlib import Path
+
+    from eval.io import ensure_writable_dir
+    for attr, is_dir in (("out", False), ("out_dir", True)):
+        value = getattr(args, attr, None)
+        if not value or str(value).startswith(("/dev/", "/proc/self/fd/")):
+            continue
+        folder = Path(value) if is_dir else Path(value).parent
+        ensure_writable_dir(folder, f"output folder of --{attr.replace('_', '-')}")
+
+
 def main(argv=None):
     """Entry point: run the subcommand; an error the user can fix (`eval.errors.is_user_error`) is one
     line `tfd <cmd>: error: ...` and exit status 1, unless `--debug`; any other error is a bug and
@@ -563,6 +577,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from eval.errors import is_user_error, one_line
     try:
+        _check_outputs_writable(args)
         args.fn(args)
     except Exception as e:
         if args.debug or not is_user_error(e):
