@@ -96,12 +96,14 @@ class PromptTable:
         return np.asarray(self.ids, dtype=np.int64)[np.asarray(idx, dtype=np.int64) % len(self)]
 
     def captions(self, cond_ids) -> list[str]:
-        """Captions of condition ids (int array); KeyError names an id not in the table."""
+        """Captions of condition ids (int array); UserError names an id not in the table (a sample
+        file drawn with another prompt table)."""
         rows = self.row_of
         try:
             return [self.texts[rows[int(i)]] for i in np.asarray(cond_ids).ravel()]
         except KeyError as e:
-            raise KeyError(f"prompt id {e.args[0]} is not in the prompt table {self.source or '(in memory)'}") from None
+            where = self.source or "(in memory)"
+            raise UserError(f"prompt id {e.args[0]} is not in the prompt table {where}") from None
 
     def _row_dicts(self) -> list[dict]:
         """The rows as dicts {id, text, image_ids[, file_names]} (file_names only when the table has them)."""

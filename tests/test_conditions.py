@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from eval.conditions import ClassConditions, PromptTable, load_prompt_table
+from eval.errors import UserError
 
 
 def test_class_conditions():
@@ -26,7 +27,7 @@ def test_prompt_table_formats_round_trip_and_hash(tmp_path):
     assert load_prompt_table(tmp_path / "p.csv").sha256 == t.sha256
     assert list(t.for_samples(np.arange(5))) == [10, 11, 42, 10, 11]
     assert t.captions([42, 10]) == ['an "old" car', "a cat on a mat"]
-    with pytest.raises(KeyError, match="prompt id 5"):
+    with pytest.raises(UserError, match="prompt id 5"):
         t.captions([5])
     # any change of a caption, an id or the order changes the hash
     assert PromptTable(ids=(10, 11, 42), texts=("a cat on a mat", "two dogs, running", "an old car")).sha256 != t.sha256
