@@ -84,22 +84,131 @@ def run_dir(run, bench=None):
     return f"results/{bench}/{BENCHES[bench].runs[run].method}/{run}"
 
 
+# -- What each job reads from the config, as its params (Snakemake's default `params` rerun trigger):
+# editing a setting reruns exactly the jobs whose output it shapes, and what depends on them
+# (tests/test_workflow_rerun.py). Such a param is a value or a function of the wildcards alone: Snakemake
+# does not record one that takes `input` or `output`. Settings that only batch or split the work are in
+# none (per-image and per-prompt seeds: the files do not depend on them): eval.batch_size, eval.shards,
+# positives.shards, a teacher's train.log_every; the shard counts still name the shard files, so
+# changing one reruns the merge (its input list changed). A configured file is an input instead
+# (teacher.checkpoint, eval.ref_stats, eval.feature_extractor_weights_path, ...): its path and its mtime.
+EVAL_WORK_KEYS = ("batch_size", "shards")
+
+
+def _spec(d) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 def run_spec(wildcards):
-    """The run's resolved config block as a param: editing it reruns that run only (its label and
-    paper numbers are the table's business: editing them reruns nothing but the table)."""
+    """The run's resolved config block as a param: editing it reruns that run only (its label, paper
+    numbers and nfe are the tables' business, its positives overrides reach it as the positives cache)."""
     spec = dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run])
-    return json.dumps({k: v for k, v in spec.items() if k not in ("label", "paper")}, sort_keys=True, default=str)
+    return _spec({k: v for k, v in spec.items() if k not in ("label", "paper", "nfe", "positives")})
 
 
 TEACHER_KEYS = {"train": ("arch", "arch_overrides", "train"),
-                "train_t2i": ("arch_overrides", "caption_dropout", "train", "vae")}
+                "train_t2i": ("arch_overrides", "caption_dropout", "train")}
+
+
+def teacher_settings(b) -> dict:
+    """The teacher block without what only logs (train.log_every: stats.jsonl beside the teacher)."""
+    t = dataclasses.asdict(b.teacher)
+    t["train"].pop("log_every")
+    return t
 
 
 def teacher_spec(bench):
-    """The settings of the teacher block that shape the trained teacher, as a param of the rule that
-    trains it: editing one reruns it (and what depends on it), editing another key does not."""
-    t = dataclasses.asdict(BENCHES[bench].teacher)
-    return json.dumps({k: t[k] for k in TEACHER_KEYS.get(t["kind"], t)}, sort_keys=True, default=str)
+    """The settings that shape the trained teacher, a param of train_teacher / train_t2i_teacher:
+    editing one reruns it (and what depends on it), editing another key does not. The class teacher
+    also reads the data and the number of classes; the text teacher's VAE is its input (train_vae)."""
+    b = BENCHES[bench]
+    t = teacher_settings(b)
+    spec = {k: t[k] for k in TEACHER_KEYS[t["kind"]]}
+    if t["kind"] == "train":
+        spec.update(data=dataclasses.asdict(b.data), num_classes=b.num_classes)
+    return _spec(spec)
+
+
+def extractor_settings(b) -> dict:
+    """The FID feature network (its weights file is an input: `feature_weights_file`)."""
+    return {"feature_extractor": b.eval.feature_extractor, "digits_input_size": b.resolution}
+
+
+def ref_stats_spec(wildcards):
+    """ref_stats: the feature network, and the real images (class: the data; text: the prompt table's
+    images, input, at eval.resolution)."""
+    b = BENCHES[wildcards.bench]
+    spec = extractor_settings(b)
+    if b.task == "text":
+        spec["image_size"] = b.eval.resolution or b.resolution
+    else:
+        spec["data"] = dataclasses.asdict(b.data)
+    return _spec(spec)
+
+
+def distill_spec(wildcards):
+    """distill, besides its run block: the data (class) or the teacher's weight precision (text), and
+    for a run with a convergence record (train.eval_every) its sample set and feature network."""
+    b, run = BENCHES[wildcards.bench], BENCHES[wildcards.bench].runs[wildcards.run]
+    spec = {"teacher_precision": b.teacher.precision} if b.task == "text" else \
+        {"data": dataclasses.asdict(b.data), "num_classes": b.num_classes}
+    if run.train.eval_every:
+        spec["convergence"] = {**extractor_settings(b), "samples": b.eval.convergence_samples,
+                               "base_seed": b.eval.base_seed}
+    return _spec(spec)
+
+
+def sample_spec(wildcards):
+    """sample_shard, besides its run block: how many images, their seeds and conditions (image i: seed
+    base + i, condition i % len), and on a text benchmark the teacher's precision (teacher rows
+    through the adapter) or the resolution (diffusers pipeline rows)."""
+    b, run = BENCHES[wildcards.bench], BENCHES[wildcards.bench].runs[wildcards.run]
+    spec = {"num_samples": b.eval.num_samples, "base_seed": b.eval.base_seed}
+    if b.task != "text":
+        spec.update(num_classes=b.num_classes, shape=[b.channels, b.resolution])  # the files' checked spec
+    elif run.method in ("heun", "onestep"):
+        spec["teacher_precision"] = b.teacher.precision
+    elif run.method == "pipeline":
+        spec["resolution"] = b.resolution
+    return _spec(spec)
+
+
+def score_spec(wildcards):
+    """score: the feature network, the image size FID sees, and the CLIP model's settings (its
+    checkpoint is an input). The metric list is the rule's outputs: a new metric is a missing file."""
+    b = BENCHES[wildcards.bench]
+    spec = {**extractor_settings(b), "resolution": b.eval.resolution}
+    if "clip_score" in b.eval.metrics:
+        spec["clip"] = {"model": b.eval.clip_model, "resize": b.eval.clip_resize}
+    return _spec(spec)
+
+
+def table_spec(bench, runs, **extra):
+    """A table and its manifest: every row's run block (label and paper numbers included), the eval
+    and teacher blocks the manifest records (less what only batches or logs), and `extra`."""
+    b = BENCHES[bench]
+    ev = {k: v for k, v in dataclasses.asdict(b.eval).items() if k not in EVAL_WORK_KEYS}
+    return _spec({"rows": list(runs), "runs": {r: dataclasses.asdict(b.runs[r]) for r in runs}, "eval": ev,
+                  "teacher": teacher_settings(b), **extra})
+
+
+def text_table_spec(bench, runs):
+    """table2: also the prompt settings and the data kind its note names."""
+    b = BENCHES[bench]
+    return table_spec(bench, runs, prompts=dataclasses.asdict(b.prompts), data=b.data.kind)
+
+
+def ablation_spec(wildcards):
+    """An ablation table: its runs, and the sweep (its diversity figure's settings are the figure's)."""
+    name = wildcards.ablation
+    abl = {k: v for k, v in dataclasses.asdict(ABLATIONS[name]).items() if k != "diversity"}
+    return table_spec(ABLATION_BENCH[name], ablation_runs(name), ablation=abl)
+
+
+def prompts_spec(bench):
+    """The prompt table: the given file (an input), or the draw from the captions."""
+    p = BENCHES[bench].prompts
+    return _spec({"file": p.file} if p.file else {"num_prompts": p.num_prompts, "seed": p.seed})
 
 
 def teacher_file(bench=None):
@@ -118,10 +227,19 @@ def bench_teacher(wildcards):
 
 
 def feature_weights_file(bench=None):
-    """The FID feature network's weights when the DAG builds them (the digits network), else []."""
+    """The FID feature network's weights: built by the DAG (the digits network), else the configured
+    eval.feature_extractor_weights_path (an input: editing the path or replacing the file reruns)."""
     bench = bench or BENCH
-    return f"results/{bench}/feature_net/digits_net.safetensors" if BENCHES[bench].eval.feature_extractor == "digits" \
-        else []
+    e = BENCHES[bench].eval
+    if e.feature_extractor == "digits":
+        return f"results/{bench}/feature_net/digits_net.safetensors"
+    return e.feature_extractor_weights_path or []
+
+
+def dataset_input(bench):
+    """A class benchmark's dataset file (data.kind edm_zip: data.path) as a named input, else {}."""
+    b = BENCHES[bench]
+    return {"dataset": b.data.path} if b.task != "text" and b.data.kind == "edm_zip" and b.data.path else {}
 
 
 def ref_stats_file(bench=None):
@@ -219,6 +337,18 @@ def train_prompts_inputs(wildcards):
     return {"file": p.prompts_file} if p.prompts_file else text_data(tb, images=False)
 
 
+def latents_inputs(wildcards):
+    """What latents reads: the teacher (its VAE) and the paired image set (positives.paired_*, else the
+    embedded data)."""
+    tb = TEXT_BENCH
+    p = BENCHES[tb].positives_for(positives_run(tb, "latents", f"results/{tb}/latents/{wildcards.lkey}.safetensors"))
+    if p.paired_captions_json:
+        paired = {"paired_captions": p.paired_captions_json, "paired_images": p.paired_images_dir}
+    else:
+        paired = text_data(tb) if BENCHES[tb].data.kind == "digits_text" else {}
+    return {"teacher": teacher_file(tb), **paired}
+
+
 def positives_shard_inputs(wildcards):
     """What one positives shard of the text benchmark reads: teacher, training prompts, paired latents."""
     tb = TEXT_BENCH
@@ -237,10 +367,11 @@ def positives_shards(wildcards):
 
 
 def distill_inputs(wildcards):
-    """A text run's positives cache, training prompts and evaluation prompts (convergence record)."""
+    """A text run's positives cache, training prompts and evaluation prompts (convergence record); a
+    class run's dataset file."""
     b = wildcards.bench
     if BENCHES[b].task != "text":
-        return {}
+        return dataset_input(b)
     paths = positives_paths(b, wildcards.run)
     return {"positives": paths["positives"], "train_prompts": paths["train_prompts"], "prompts": prompts_file(b)}
 
@@ -258,9 +389,13 @@ def shard_files(wildcards):
 
 
 def sample_inputs(wildcards):
-    """What sample_shard reads: the teacher, the run's generator, and a text benchmark's prompt table."""
+    """What sample_shard reads: the teacher, the run's generator, a text benchmark's prompt table, and a
+    pipeline row's own weights (sampler.pipeline / sampler.unet; the CLI reads them from the config)."""
     b = wildcards.bench
-    return {"teacher": teacher_file(b), "generator": generator_input(wildcards), "prompts": prompts_file(b)}
+    sampler = BENCHES[b].runs[wildcards.run].sampler
+    own = {k: getattr(sampler, k, None) for k in ("pipeline", "unet")}
+    return {"teacher": teacher_file(b), "generator": generator_input(wildcards), "prompts": prompts_file(b),
+            **{k: v for k, v in own.items() if v}}
 
 
 def score_inputs(wildcards):
@@ -282,7 +417,7 @@ def ref_stats_inputs(wildcards):
     """What ref_stats reads: the feature weights, and for a text benchmark its prompt table and real images."""
     b = wildcards.bench
     if BENCHES[b].task != "text":
-        return {"fweights": feature_weights_file(b)}
+        return {"fweights": feature_weights_file(b), **dataset_input(b)}
     return {"fweights": feature_weights_file(b), "prompts": prompts_file(b), **text_data(b, captions=False)}
 
 

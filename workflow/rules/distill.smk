@@ -11,6 +11,7 @@ rule distill:
         info="results/{bench}/{method}/{run}/train.json",
     params:
         spec=run_spec,
+        reads=distill_spec,
         outdir=lambda wc: run_dir(wc.run, wc.bench),
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
                                         for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"),

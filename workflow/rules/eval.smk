@@ -9,6 +9,7 @@ rule sample_shard:
         temp("results/{bench}/{method}/{run}/samples/shard{k}of{n}.npz"),
     params:
         spec=run_spec,
+        reads=sample_spec,
         flags=input_flags,
     log:
         "logs/{bench}/sample_{method}_{run}_{k}of{n}.log",
@@ -48,6 +49,7 @@ for _bench, _name in ((BENCH, "score"), (TEXT_BENCH, "score_text")):
         wildcard_constraints:
             bench=re.escape(_bench),
         params:
+            spec=score_spec,
             outdir=lambda wc: f"results/{wc.bench}/{wc.method}/{wc.run}/metrics",
             flags=input_flags,
         log:

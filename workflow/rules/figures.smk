@@ -64,6 +64,7 @@ rule figure_diversity:
         pdf=f"{FIGURES_DIR}/diversity_{{ablation}}.pdf",
     params:
         samples=lambda wc, input: " ".join(shlex.quote(f"{wc.ablation}={k}={input[k]}") for k in input.keys()),
+        labels=lambda wc: " ".join(label for label, _ in ABLATIONS[wc.ablation].variants),  # `samples`: not recorded
         classes=lambda wc: " ".join(map(str, ABLATIONS[wc.ablation].diversity.classes)),
         per_class=lambda wc: ABLATIONS[wc.ablation].diversity.per_class,
         out=out_stem,

@@ -14,6 +14,7 @@ rule table1:
         conv="results/convergence.csv",
         manifest="results/table1.manifest.json",
     params:
+        spec=table_spec(BENCH, table1_runs()),
         inputs=manifest_inputs,
     log:
         f"logs/{BENCH}/table1.log",
@@ -33,6 +34,7 @@ rule ablation_table:
         curves="results/ablation_{ablation}_curves.csv",
         manifest="results/ablation_{ablation}.manifest.json",
     params:
+        spec=ablation_spec,
         inputs=manifest_inputs,
         bench=lambda wc: ABLATION_BENCH[wc.ablation],
     log:

@@ -4,6 +4,8 @@
 if BENCH_CFG.teacher.kind == "train":
 
   rule train_teacher:
+      input:
+          unpack(lambda wc: dataset_input(BENCH)),
       output:
           f"{BENCH_DIR}/teacher/teacher.safetensors",
       params:
@@ -50,6 +52,7 @@ rule ref_stats:
     log:
         "logs/{bench}/ref_stats.log",
     params:
+        spec=ref_stats_spec,
         flags=input_flags,
     shell:
         "OMP_NUM_THREADS={threads} tfd ref-stats --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress "

@@ -14,6 +14,8 @@ if TEXT_CFG is not None:
         rule text_data:
             output:
                 directory(f"results/{TB}/data"),
+            params:
+                spec=_spec({"resolution": TEXT_CFG.resolution}),
             log:
                 f"logs/{TB}/text_data.log",
             shell:
@@ -25,7 +27,7 @@ if TEXT_CFG is not None:
         output:
             f"results/{TB}/prompts.jsonl",
         params:
-            spec=json.dumps(dataclasses.asdict(TEXT_CFG.prompts), sort_keys=True),
+            spec=prompts_spec(TB),
             flags=input_flags,
         log:
             f"logs/{TB}/prompts.log",
@@ -40,7 +42,7 @@ if TEXT_CFG is not None:
             output:
                 directory(f"results/{TB}/teacher/vae"),
             params:
-                spec=json.dumps(dataclasses.asdict(TEXT_CFG.teacher.vae), sort_keys=True),
+                spec=_spec({**dataclasses.asdict(TEXT_CFG.teacher.vae), "resolution": TEXT_CFG.resolution}),
             log:
                 f"logs/{TB}/train_vae.log",
             threads: 2
@@ -85,11 +87,11 @@ if TEXT_CFG is not None:
 
     rule latents:
         input:
-            unpack(lambda wc: text_data(TB) if TEXT_CFG.data.kind == "digits_text" else {}),
-            teacher=teacher_file(TB),
+            unpack(latents_inputs),
         output:
             f"results/{TB}/latents/{{lkey}}.safetensors",
         params:
+            spec=_spec({"resolution": TEXT_CFG.resolution}),
             run=lambda wc, output: positives_run(TB, "latents", output[0]),
             flags=lambda wc, input: f"--data-dir {input.data}" if "data" in input.keys() else "",
         log:
@@ -138,7 +140,8 @@ if TEXT_CFG is not None:
                 clip=clip_files(TB)["clip"],
                 clip_config=clip_files(TB)["clip_config"],
             params:
-                spec=json.dumps(dataclasses.asdict(TEXT_CFG.eval.clip_train), sort_keys=True),
+                spec=_spec({**dataclasses.asdict(TEXT_CFG.eval.clip_train),
+                            "clip_resize": TEXT_CFG.eval.clip_resize}),
                 outdir=lambda wc, output: str(Path(output.clip).parent),
             log:
                 f"logs/{TB}/train_clip.log",
@@ -157,6 +160,7 @@ if TEXT_CFG is not None:
         params:
             samples=lambda wc, input: " ".join(shlex.quote(f"{TEXT_CFG.runs[r].label or r}={input[r]}")
                                                for r in table2_runs()),
+            labels=_spec([TEXT_CFG.runs[r].label or r for r in table2_runs()]),  # `samples`: not recorded
             out=out_stem,
             title=shlex.quote(f"{TB}: one sample per prompt and method (the paper's Figure 1)"),
         log:
@@ -179,6 +183,7 @@ if TEXT_CFG is not None:
             html=report("results/table2.html", caption="../report/table2.rst", category="1. Tables"),
             manifest="results/table2.manifest.json",
         params:
+            spec=text_table_spec(TB, table2_runs()),
             inputs=manifest_inputs,
         log:
             f"logs/{TB}/table2.log",
