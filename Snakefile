@@ -5,6 +5,16 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+import os
+
+from tfd.config import ConfigError, read_yaml
+
+try:  # a YAML error named with its file, line and column (Snakemake's loader says neither)
+    if os.path.isfile("config.yaml"):
+        read_yaml("config.yaml")
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
 configfile: "config.yaml"
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -161,13 +161,16 @@ def test_case6_truncated_or_foreign_weights(setup, tmp_path):
 # ---------------------------------------------------------------------------------------------- 7
 
 
-def test_case7_missing_paths_and_yaml_errors(tmp_path):
+def test_case7_missing_paths_and_yaml_errors(tmp_path, run_snakemake):
     msg = one_line_error("check-config", tfd("check-config", "--config", ROOT / "config.yaml", "--bench", "imagenet64"),
                          "benchmarks.imagenet64.teacher.checkpoint", "benchmarks.imagenet64.data.path")
     assert "config OK" not in msg
     bad = tmp_path / "bad.yaml"
     bad.write_text("benchmark: digits\nbenchmarks:\n  digits:\n    eval:\n   num_samples: 3\n")
     one_line_error("check-config", tfd("check-config", "--config", bad), "bad.yaml, line 5", "YAML syntax error")
+    shutil.copy(bad, tmp_path / "config.yaml")  # the workflow's own config.yaml: Snakemake names the line too
+    r = run_snakemake(tmp_path, "-n")
+    assert r.returncode != 0 and "config.yaml, line 5, column 4: YAML syntax error" in r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------------------------------------- 8

@@ -666,9 +666,11 @@ def _check_ref_stats_file(b: "BenchmarkCfg", w: str) -> list[str]:
     return []
 
 
-def _read_yaml(p: Path) -> dict:
+def read_yaml(p: str | Path) -> dict:
     """One YAML config file as a dict; ConfigError naming the file, line and column of a syntax
-    error, or the file when its top level is not a mapping."""
+    error, or the file when its top level is not a mapping. The Snakefile reads `config.yaml`
+    through it first, since Snakemake's own loader does not say where a YAML error is."""
+    p = Path(p)
     try:
         with open(p, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -696,7 +698,7 @@ def load_config(path: str | Path | list = "config.yaml", overrides: Optional[dic
         p = Path(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = deep_update(data, _read_yaml(p))
+        data = deep_update(data, read_yaml(p))
     if overrides:
         data = deep_update(data, overrides)
     return check(from_dict(Config, data, "config"))
