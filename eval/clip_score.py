@@ -19,15 +19,17 @@ silently (see the project notes on transformers' CLIPTokenizer).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from eval.errors import UserError
-from eval.io import file_sha256
+from eval.errors import BadFile, UserError
+from eval.io import check_sidecar, file_sha256, load_safetensors, read_safetensors_metadata
 
+SUITE_CLIP_FORMAT = "tfd-tiny-clip-v1"  # metadata format of the tiny CLIP of `tfd train-clip` (eval.tiny_clip)
 DEFAULTS = dict(clip_model="ViT-g-14", clip_resize=256, clip_prefix="A photo depicts ")
 PAPER_TAG = "laion2b_s12b_b42k"
 PAPER_SOURCE = ("open_clip `ViT-g-14` / `laion2b_s12b_b42k` weights: Hugging Face repo "
@@ -92,14 +94,32 @@ class ClipScorer:
             mc = Path(cfg["clip_model_config"])
             if not mc.is_file():
                 raise FileNotFoundError(f"config key `clip_model_config` = {str(mc)!r}: file not found")
+            check_sidecar(mc, "CLIP model config")  # tfd train-clip's: as written
+            try:
+                json.loads(mc.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise BadFile(mc, "CLIP model config is not readable JSON (truncated or damaged)", found=e) from None
             open_clip.add_model_config(mc)
         name = cfg["clip_model"]
         if name not in open_clip.list_models():
             raise FileNotFoundError(f"config key `clip_model` = {name!r} is not an open_clip built-in architecture: "
                                     "set `clip_model_config` to its model-config JSON (for an embedded benchmark, "
                                     f"the {name}.json written beside the checkpoint by `tfd train-clip`)")
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=str(ckpt),
-                                                                               device=device)
+        if ckpt.suffix == ".safetensors":
+            meta = read_safetensors_metadata(ckpt)
+            if "tensors_sha256" in meta:  # a file of the suite: the tiny CLIP of `tfd train-clip`, as written
+                if meta.get("format") != SUITE_CLIP_FORMAT:
+                    raise BadFile(ckpt, "not a CLIP checkpoint", key="format", expected=SUITE_CLIP_FORMAT,
+                                  found=meta.get("format"))
+                load_safetensors(ckpt, "CLIP checkpoint")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=str(ckpt),
+                                                                                   device=device)
+        except RuntimeError as e:  # another network's weights (a file of another model or tool)
+            if "state_dict" not in str(e):
+                raise
+            first = str(e).strip().splitlines()[0]
+            raise BadFile(ckpt, f"CLIP weights do not fit the model {name!r}", found=first[:200]) from None
         self.model.eval().float()
         self.tokenizer = open_clip.get_tokenizer(name)
         vocab = check_tokenizer(self.tokenizer, self.model)

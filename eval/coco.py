@@ -32,7 +32,7 @@ import numpy as np
 
 from eval.clip_score import crop_resize
 from eval.conditions import PromptTable
-from eval.errors import UserError
+from eval.errors import BadFile, UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def load_coco(captions_json: str | os.PathLike):
     path = Path(captions_json)
     if not path.is_file():
         raise FileNotFoundError(f"COCO captions file not found: {path}")
+    check_data_folder(path.parent)
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -152,16 +153,39 @@ def _first_files(table: PromptTable) -> list[str]:
     return [f[0] for f in table.file_names]
 
 
+def check_data_folder(folder: str | os.PathLike) -> None:
+    """Verify a data folder written by the suite (the embedded digits-text data: captions json and
+    images) against its checksum manifest (`eval.io.check_folder_manifest`); nothing for a folder
+    without one (COCO from the site paths). BadFile naming the damaged or missing file."""
+    from eval.io import check_folder_manifest
+
+    check_folder_manifest(folder, "data folder")
+
+
+def open_image_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3] (PIL; the one image reader of the data sets).
+    FileNotFoundError naming a missing file; BadFile naming a file PIL cannot decode (truncated,
+    damaged, not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) and e.errno is not None:
+            raise  # the machine's (permission, I/O), not the file's
+        raise BadFile(path, "not a readable image (truncated or damaged)", found=f"{type(e).__name__}: {e}") from None
+
+
 def read_image(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 RGB [size, size, 3] (PIL convert RGB, then `crop_resize`);
     FileNotFoundError naming the file."""
-    from PIL import Image
-
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"real image not found: {path}")
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    return np.asarray(crop_resize(rgb, size))
+    return np.asarray(crop_resize(open_image_rgb(path), size))
 
 
 def iter_real_images(table: PromptTable, images_dir: str | os.PathLike, size: int,
@@ -170,6 +194,7 @@ def iter_real_images(table: PromptTable, images_dir: str | os.PathLike, size: in
     reference sets too large for memory (10k COCO images at 512 are 7.9 GB)."""
     files = _first_files(table)
     root = Path(images_dir)
+    check_data_folder(root.parent)  # the embedded data's manifest (data/images -> data)
     for start in range(0, len(files), batch_size):
         yield np.stack([read_image(root / f, size) for f in files[start:start + batch_size]])
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from eval.errors import UserError
+from eval.errors import BadFile, UserError
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,12 @@ class PromptTable:
 
     def save_jsonl(self, path: str | Path) -> None:
         """One JSON object per line: {"id", "text", "image_ids"[, "file_names"]} (written atomically;
-        the same table always gives the same bytes)."""
-        from eval.io import atomic_write_text
+        the same table always gives the same bytes), and its checksum sidecar `<name>.sha256`
+        (`eval.io.atomic_write_text_sealed`), verified by `load_prompt_table`."""
+        from eval.io import atomic_write_text_sealed
 
         lines = [json.dumps(row, ensure_ascii=False) for row in self._row_dicts()]
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text_sealed(path, "\n".join(lines) + "\n")
 
 
 def _str_tuple(value, path: Path, n: int, key: str) -> tuple[str, ...]:
@@ -147,7 +148,7 @@ def _str_tuple(value, path: Path, n: int, key: str) -> tuple[str, ...]:
 def _read_jsonl(path: Path) -> tuple[list, list, list, list]:
     """Rows of a `.jsonl` table -> (ids, texts, image_ids, file_names)."""
     ids, texts, images, files = [], [], [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -164,7 +165,9 @@ def _read_jsonl(path: Path) -> tuple[list, list, list, list]:
 def _read_csv(path: Path) -> tuple[list, list, list, list]:
     """Rows of a `.csv` table (columns id, text, optional image_ids / file_names split on `;`)."""
     ids, texts, images, files = [], [], [], []
-    with path.open(newline="", encoding="utf-8") as f:
+    import io
+
+    with io.StringIO(_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"id", "text"} <= set(reader.fieldnames):
             raise UserError(f"{path}: needs the columns 'id' and 'text' (found {reader.fieldnames})")
@@ -181,7 +184,15 @@ def _read_csv(path: Path) -> tuple[list, list, list, list]:
 
 def _read_txt(path: Path) -> list[str]:
     """A `.txt` table: one caption per line, blank lines skipped (DMD2's `captions_coco14_test.txt`)."""
-    return [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return [t for t in _text(path).splitlines() if t.strip()]
+
+
+def _text(path: Path) -> str:
+    """The file as UTF-8 text; BadFile naming it when it is not (a binary or damaged file)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFile(path, "prompt table is not UTF-8 text (damaged or another kind of file)", found=e) from None
 
 
 class _CaptionUnpickler(pickle.Unpickler):
@@ -222,12 +233,17 @@ def load_prompt_table(path: str | Path) -> PromptTable:
     * `.pkl`: a pickled list of caption strings, ids 0..n-1 in list order (DMD2's
       `coco10k/all_prompts.pkl`), read with an unpickler that builds no classes.
 
-    Raises FileNotFoundError / ValueError naming the file (and line, for `.jsonl` / `.csv`)."""
+    A table with a checksum sidecar `<name>.sha256` (what `save_jsonl` writes) is verified against it
+    first. Raises FileNotFoundError / ValueError (BadFile for a damaged file) naming the file (and
+    line, for `.jsonl` / `.csv`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt table not found: {path}")
     if path.suffix not in _READERS:
         raise UserError(f"{path}: unknown prompt table format {path.suffix!r} (use {', '.join(_READERS)})")
+    from eval.io import check_sidecar
+
+    check_sidecar(path, "prompt table")  # the suite's own tables (save_jsonl): truncated, changed or replaced
     if path.suffix in (".txt", ".pkl"):
         texts = _READERS[path.suffix](path)
         return PromptTable(tuple(range(len(texts))), tuple(texts), source=str(path))

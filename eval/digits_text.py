@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.errors import UserError
-from eval.io import atomic_directory, atomic_write_json
+from eval.io import MANIFEST, atomic_directory, atomic_write_json
 
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WEIGHT_TOL, SLANT_TOL, SIZE_TOL = 0.10, 0.06, 0.03
@@ -173,14 +173,15 @@ def _counts(labels: np.ndarray, attrs: dict, n_captions: int) -> dict:
 
 def _is_previous_output(out: Path) -> bool:
     """True when `out` holds nothing but what `write_digits_coco` writes (safe to replace)."""
-    return out.is_dir() and {p.name for p in out.iterdir()} <= {CAPTIONS_FILE, IMAGES_DIR}
+    return out.is_dir() and {p.name for p in out.iterdir()} <= {CAPTIONS_FILE, IMAGES_DIR, MANIFEST}
 
 
 def write_digits_coco(out_dir: str | os.PathLike, size: int = 32) -> dict:
     """Write the digits-text set: `out_dir/images/digit_<i:04d>.png` (RGB uint8, `size` x `size`)
     and `out_dir/captions.json` (COCO captions format; images carry `label`, `attributes`,
-    `sklearn_index` as extra keys). Deterministic (byte-identical on rerun) and atomic: built in
-    a sibling temporary folder, then renamed into place.
+    `sklearn_index` as extra keys) and the folder's checksum manifest (`eval.io.MANIFEST`, verified
+    by `eval.coco.load_coco`). Deterministic (byte-identical on rerun) and atomic: built in a
+    sibling temporary folder, then renamed into place.
 
     Returns {"paths": {"dir", "images", "captions"}, "counts": {images, captions, class,
     weight, slant, size}} (images per class and per attribute value). FileExistsError when
@@ -197,7 +198,7 @@ def write_digits_coco(out_dir: str | os.PathLike, size: int = 32) -> dict:
     images = upsample_digits(x, size)
     attrs = measure_attributes(x, labels)
     coco = _coco_dict(images, labels, attrs, size)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, manifest=True) as tmp:  # + its checksum manifest (eval.coco verifies it)
         (tmp / IMAGES_DIR).mkdir()
         for rec, img in zip(coco["images"], images):
             Image.fromarray(img).save(tmp / IMAGES_DIR / rec["file_name"], format="PNG")
@@ -213,9 +214,7 @@ def digits_text_arrays(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[lis
 
     FileNotFoundError naming a missing file; ValueError naming the captions file and image when
     an image lacks the `label` key or its PNG has another size than the others."""
-    from PIL import Image
-
-    from eval.coco import load_coco
+    from eval.coco import load_coco, open_image_rgb
 
     root = Path(out_dir)
     path = root / CAPTIONS_FILE
@@ -228,8 +227,7 @@ def digits_text_arrays(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[lis
         png = root / IMAGES_DIR / rec["file_name"]
         if not png.is_file():
             raise FileNotFoundError(f"digits-text image not found: {png} (listed in {path})")
-        with Image.open(png) as im:
-            images.append(np.asarray(im.convert("RGB")))
+        images.append(open_image_rgb(png))
         if images[-1].shape != images[0].shape:
             raise UserError(f"{path}: image {image_id} ({png.name}) is {images[-1].shape}, others {images[0].shape}")
         captions.append([coco.anns[a]["caption"] for a in sorted(coco.getAnnIds(imgIds=[image_id]))])

@@ -161,13 +161,14 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
+def atomic_directory(path: str | os.PathLike, manifest: bool = False):
     """Write a folder atomically: `with atomic_directory(out) as tmp:` fill `tmp` (a fresh sibling
     folder); on success `tmp` becomes `out` by renames (an existing `out` is moved aside first and
     deleted after), so `out` is always the old complete folder or the new one, never half of one
     (a killed job leaves a `.<name>.tmp-*` folder beside it, never a broken `out`). On an
     exception `tmp` is removed and `out` is untouched. Used for diffusers `save_pretrained`
-    folders and the embedded text data."""
+    folders and the embedded text data. `manifest`: the finished folder also gets its checksum
+    manifest (`write_folder_manifest`), verified by its reader with `check_folder_manifest`."""
     import shutil
     import tempfile
 
@@ -177,6 +178,8 @@ def atomic_directory(path: str | os.PathLike):
     old = None
     try:
         yield tmp
+        if manifest:
+            write_folder_manifest(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode any new folder gets
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -356,6 +359,143 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 h.update(b)
         _SHA_CACHE[key] = h.hexdigest()
     return _SHA_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# checksums of the suite's text outputs: sealed JSON records, sha256 sidecars, folder manifests
+#
+# Text formats have no integrity check of their own: a flipped digit in a JSON value, or a table cut
+# at a line boundary, reads back as a valid, wrong file. The suite's writers therefore record a
+# checksum and the one reader of each format verifies it (files without one, written by older
+# versions or by the user, load unverified):
+#
+# * JSON records (metric files, train.json, each line of convergence.jsonl / stats.jsonl): the key
+#   `record_sha256`, the sha256 of the record's canonical JSON without that key (`seal_record`,
+#   `check_record`);
+# * whole files that other tools read too (prompt tables, table csvs, the tiny CLIP's model
+#   config): a sidecar `<name>.sha256` in `sha256sum` format (`atomic_write_text_sealed`,
+#   `check_sidecar`);
+# * folders (a diffusers pipeline or VAE, the embedded digits-text data): a manifest
+#   `tfd-manifest.sha256` of every file in it (`atomic_directory(..., manifest=True)`,
+#   `check_folder_manifest`).
+
+RECORD_KEY = "record_sha256"
+
+
+def _canonical(rec: dict) -> dict:
+    """`rec` as it reads back from JSON (tuples as lists, numpy values and paths as `json_default`
+    makes them), so a checksum computed before writing equals the one of the file read back."""
+    return json.loads(json.dumps(rec, default=json_default))
+
+
+def record_sha256(rec: dict) -> str:
+    """sha256 of a JSON record's canonical form (sorted keys) without its `record_sha256` key."""
+    body = {k: v for k, v in _canonical(rec).items() if k != RECORD_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=json_default).encode()).hexdigest()
+
+
+def seal_record(rec: dict) -> dict:
+    """A copy of `rec` with its checksum under `record_sha256` (verified by `check_record`)."""
+    body = {k: v for k, v in rec.items() if k != RECORD_KEY}
+    return {**body, RECORD_KEY: record_sha256(body)}
+
+
+def check_record(rec: dict, where: str | os.PathLike, what: str = "record") -> dict:
+    """Verify the `record_sha256` of a JSON record read from `where` (a file, or `file:line`);
+    returns the record without that key. BadFile naming `where` when the checksum does not match
+    (a changed digit); a record without one passes unverified."""
+    want = rec.get(RECORD_KEY)
+    if want is not None and record_sha256(rec) != want:
+        raise BadFile(where, f"checksum mismatch: the {what} was changed after it was written (damaged copy or "
+                      "disk)", key=RECORD_KEY, found=f"a record hashing to {record_sha256(rec)[:12]}..., stored "
+                      f"{str(want)[:12]}...", hint="rebuild it")
+    return {k: v for k, v in rec.items() if k != RECORD_KEY}
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The checksum sidecar of `path`: `<name>.sha256` beside it (`sha256sum` format)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256_now(path: Path) -> str:
+    """Hex sha256 of the file's bytes as they are now (no cache: a damaged file is seen as it is)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def atomic_write_text_sealed(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write_text(path, text)` and its sidecar `<name>.sha256` (verified by `check_sidecar`).
+    The old sidecar is removed first, so a job killed between the two writes leaves a file without
+    a sidecar (unverified), never a good file that looks damaged. Not for `/dev/stdout`-like paths
+    (no sidecar is written beside those)."""
+    path = Path(path)
+    if _own_fd(path) is not None or _not_regular(path):
+        return atomic_write_text(path, text)
+    side = sidecar_path(path)
+    side.unlink(missing_ok=True)
+    data = text.encode("utf-8")
+    atomic_write_bytes(path, data)
+    atomic_write_text(side, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+    return path
+
+
+def check_sidecar(path: str | os.PathLike, what: str) -> None:
+    """Verify file `path` against its sidecar `<name>.sha256` when there is one (`what` names the
+    kind of file in the message). BadFile naming the file when the bytes do not match (truncated,
+    flipped, replaced) or the sidecar holds no sha256; nothing when there is no sidecar."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    words = side.read_text(errors="replace").split()
+    want = words[0] if words else ""
+    if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
+        raise BadFile(side, f"checksum file of the {what} holds no sha256", hint=f"rebuild {path.name}")
+    got = _sha256_now(path)
+    if got != want:
+        raise BadFile(path, f"{what} checksum mismatch: the file was changed after it was written (truncated, "
+                      f"damaged or replaced)", key=side.name, expected=want[:12] + "...", found=got[:12] + "...",
+                      hint=f"rebuild it (or delete {side.name} to use an edited file as it is)")
+
+
+MANIFEST = "tfd-manifest.sha256"
+
+
+def write_folder_manifest(folder: str | os.PathLike) -> Path:
+    """Write `folder/tfd-manifest.sha256`: `<sha256>  <relative path>` of every file below `folder`
+    (sorted; `sha256sum -c tfd-manifest.sha256` in the folder checks it by hand). Call it on a
+    finished folder before it is renamed into place (`atomic_directory(..., manifest=True)`)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    lines = [f"{_sha256_now(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    return atomic_write_text(folder / MANIFEST, "\n".join(lines) + "\n")
+
+
+def check_folder_manifest(folder: str | os.PathLike, what: str) -> None:
+    """Verify every file listed in `folder/tfd-manifest.sha256` (when the folder has one): present and
+    of the listed sha256 (`what` names the folder's kind in the message). BadFile naming the first
+    damaged or missing file; nothing without a manifest (a folder of another tool)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    for n, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        want, _, rel = line.partition("  ")
+        if len(want) != 64 or not rel:
+            raise BadFile(f"{manifest}:{n}", f"not a sha256sum line of the {what}'s manifest", found=repr(line[:80]))
+        p = folder / rel
+        if not p.is_file():
+            raise BadFile(p, f"file of the {what} is missing (listed in {MANIFEST})", hint="rebuild the folder")
+        got = _sha256_now(p)
+        if got != want:
+            raise BadFile(p, f"file of the {what} was changed after it was written (truncated, damaged or replaced)",
+                          key=MANIFEST, expected=want[:12] + "...", found=got[:12] + "...", hint="rebuild the folder")
 
 
 # ----------------------------------------------------------------------------------------------

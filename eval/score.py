@@ -24,7 +24,6 @@ Each metric is written atomically to `out_dir/{metric}.json` =
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,14 @@ import torch
 from eval.errors import BadFile, UserError
 from eval.features import FeatureExtractor, get_extractor
 from eval.fid import feature_stats, save_ref_stats
-from eval.io import atomic_write_json, file_sha256, git_commit, json_default, package_versions
+from eval.io import (  # noqa: F401  (record_sha256: the metric record's checksum, re-exported)
+    atomic_write_json,
+    check_record,
+    file_sha256,
+    git_commit,
+    package_versions,
+    record_sha256,
+)
 from eval.metrics import GENERIC, METRICS, PR_K, MetricInputs, compute, metric_names, resolve_metric_names  # noqa: F401
 from eval.sample import QUANTISATION, SampleSpec, quantise_edm, read_samples, to_nhwc_numpy  # noqa: F401
 
@@ -187,13 +193,6 @@ def score_samples(npz_path: str | os.PathLike, out_dir: str | os.PathLike, metri
     return records
 
 
-def record_sha256(rec: dict) -> str:
-    """sha256 of a metric record's canonical JSON without its `record_sha256` key (stored in the
-    record by `score_samples`, verified by `read_metric`: a changed digit is detected)."""
-    body = {k: v for k, v in rec.items() if k != "record_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=json_default).encode()).hexdigest()
-
-
 def read_metric(path: Path, metric: str | None = None) -> dict:
     """Read and check a metric JSON written by `score_samples` (the one reader of the format): a
     JSON object with `metric` (== `metric` when given), a finite number `value`, an int `n`, and
@@ -212,10 +211,7 @@ def read_metric(path: Path, metric: str | None = None) -> dict:
                       found=f"keys {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
     if metric is not None and rec["metric"] != metric:
         raise BadFile(path, "holds another metric", key="metric", expected=metric, found=rec["metric"])
-    want = rec.get("record_sha256")
-    if want is not None and record_sha256(rec) != want:
-        raise BadFile(path, "checksum mismatch: the record was changed after it was written", key="record_sha256",
-                      hint="rescore it")
+    check_record(rec, path, "metric record")  # (a changed digit: rescore it)
     v = rec["value"]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise BadFile(path, "metric value is not a finite number", key="value", found=repr(v))

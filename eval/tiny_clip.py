@@ -33,6 +33,7 @@ scores lower than the right one, and zero-shot digit accuracy ("a zero" ... "a n
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -45,12 +46,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.clip_score import DEFAULTS as CLIP_DEFAULTS
-from eval.clip_score import ClipScorer, crop_resize
+from eval.clip_score import SUITE_CLIP_FORMAT, ClipScorer, crop_resize
 from eval.errors import UserError
-from eval.io import atomic_save_safetensors, atomic_write_json, file_sha256, provenance
+from eval.io import atomic_save_safetensors, atomic_write_json, atomic_write_text_sealed, file_sha256, provenance
 
 NAME = "TinyCLIP-digits"
-FORMAT = "tfd-tiny-clip-v1"
+FORMAT = SUITE_CLIP_FORMAT
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's training loop clamps logit_scale to [0, ln 100]
 
@@ -191,7 +192,8 @@ def train_tiny_clip(images_u8_nhwc: np.ndarray, captions: Sequence[Sequence[str]
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
     out_dir = Path(out_dir)
     cfg = model_config(**(arch or {}))
-    cfg_path = atomic_write_json(out_dir / f"{name}.json", cfg)
+    cfg_path = atomic_write_text_sealed(out_dir / f"{name}.json",  # + sidecar .sha256, checked by ClipScorer
+                                        json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     model, preprocess, tokenizer = _build(cfg_path, name, seed)
     tr, ho = split_holdout(len(captions), holdout, seed)
     x = preprocess_images(images_u8_nhwc[tr], preprocess, clip_resize)

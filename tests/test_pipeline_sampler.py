@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eval.conditions import PromptTable
+from eval.errors import UserError
 from eval.sample import StackedRandom, generate, merge_npz, save_npz
 from tfd.diffusers_denoiser import load_diffusers_denoiser
 from tfd.pipeline_sampler import PUBLISHED, PipelineCfg, pipeline_sampler
@@ -138,7 +139,7 @@ def test_scheduler_kwargs_and_errors(folder):
         pipeline_sampler(folder, PipelineCfg(pipeline=str(folder.parent / "missing")), TABLE)
     with pytest.raises(FileNotFoundError, match="sampler.unet"):
         pipeline_sampler(folder, PipelineCfg(unet=str(folder.parent / "missing.safetensors")), TABLE)
-    with pytest.raises(KeyError, match="prompt id 3 "):
+    with pytest.raises(UserError, match="prompt id 3 "):
         sampler(torch.tensor([3]), StackedRandom([1]))
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from eval.conditions import PromptTable
+from eval.errors import UserError
 from tfd.denoiser import load_denoiser
 from tfd.diffusers_denoiser import (
     FORMAT,
@@ -156,7 +157,7 @@ def test_conditioning_errors_and_cache(folder, den):
         bare.encode_cond(torch.tensor([3]))
     with pytest.raises(ValueError, match="text-conditional"):
         den.encode_cond(None)
-    with pytest.raises(KeyError, match="prompt id 4 "):
+    with pytest.raises(UserError, match="prompt id 4 "):
         den.encode_cond(torch.tensor([3, 4]))
     c = den.encode_cond(torch.tensor([5, 5, 7]))
     assert c.prompt_embeds.shape == (3, 77, 96) and c.text_embeds.shape == (3, 64)
@@ -242,10 +243,13 @@ def test_vae_roundtrip_and_precision(folder, den):
 
 
 def _linked_copy(folder, dst, skip):
-    """A pipeline folder whose subfolders link to `folder`'s, except `skip`."""
+    """A pipeline folder whose subfolders link to `folder`'s, except `skip` (and the checksum manifest:
+    a folder assembled by hand has none)."""
+    from eval.io import MANIFEST
+
     dst.mkdir()
     for p in folder.iterdir():
-        if p.name != skip:
+        if p.name not in (skip, MANIFEST):
             (dst / p.name).symlink_to(p)
     return dst
 

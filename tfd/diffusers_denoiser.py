@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from eval.errors import UserError
-from eval.io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from eval.io import atomic_save_safetensors, check_folder_manifest, load_safetensors, read_safetensors_metadata
 from tfd.denoiser import Denoiser, register_denoiser_format
 
 FORMAT = "tfd.diffusers_unet.v1"
@@ -132,8 +132,9 @@ def load_pipeline_components(folder, device="cpu", dtype=torch.float32, vae_dtyp
     "scheduler"} (the pipeline's constructor keywords; no "unet" with `load_unet=False`, for a
     caller that brings its own), networks frozen, on `device`; the UNet and text encoders in
     `dtype`, the VAE in `vae_dtype` (fp32 or bf16 each; fp16 is a ValueError). Raises
-    FileNotFoundError naming the folder or its missing subfolder, and ValueError naming a
-    tokenizer folder whose vocabulary is not CLIP's 49,408 tokens.
+    FileNotFoundError naming the folder or its missing subfolder, ValueError naming a
+    tokenizer folder whose vocabulary is not CLIP's 49,408 tokens, and BadFile naming a file that
+    does not match the folder's checksum manifest (a folder the suite wrote: `eval.io.MANIFEST`).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -141,6 +142,7 @@ def load_pipeline_components(folder, device="cpu", dtype=torch.float32, vae_dtyp
     folder = Path(folder)
     dtype, vae_dtype = torch_dtype(dtype), torch_dtype(vae_dtype, "vae_dtype")
     _check_folder(folder, PIPELINE_SUBFOLDERS if load_unet else PIPELINE_SUBFOLDERS[1:])
+    check_folder_manifest(folder, "pipeline folder")  # a folder the suite wrote: every file as written
     parts: dict[str, Any] = {
         "tokenizer": _load_tokenizer(folder / "tokenizer"),
         "tokenizer_2": _load_tokenizer(folder / "tokenizer_2"),

@@ -73,9 +73,10 @@ def save_figure(fig, out_stem) -> list[Path]:
 
 
 def _read_csv(path):
-    """The csv as a DataFrame (FileNotFoundError naming a missing file)."""
-    import pandas as pd
-    return pd.read_csv(_require(path))
+    """A table csv of `tfd table` / `tfd ablation` as a DataFrame, read and checked by
+    `tfd.tables.read_csv` (FileNotFoundError naming a missing file, BadFile a damaged one)."""
+    from tfd.tables import read_csv
+    return read_csv(path)
 
 
 def fid_column(columns) -> str:
@@ -106,17 +107,15 @@ def first_crossing(steps, fids, threshold: float):
 
 
 def load_samples(npz_path) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC images, int labels) from a sample npz (`arr_0`, `arr_1`)."""
-    with np.load(_require(npz_path)) as d:
-        images, labels = d["arr_0"], np.asarray(d["arr_1"]).astype(np.int64)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"{npz_path}: arr_0 must be uint8 NHWC with 1 or 3 channels, "
-                         f"got {images.dtype} {images.shape}")
-    if len(labels) != len(images):
-        raise UserError(f"{npz_path}: {len(images)} images but {len(labels)} labels")
-    return images, labels
+    """(uint8 NHWC images, int labels) from a sample npz, read and checked by
+    `eval.sample.read_samples` (seeds not required); BadFile naming the file when it has no labels."""
+    from eval.errors import BadFile
+    from eval.sample import read_samples
+
+    z = read_samples(_require(npz_path), need_seeds=False)
+    if z["arr_1"] is None:
+        raise BadFile(npz_path, "no condition ids", key="arr_1", expected="one label / prompt id per image")
+    return z["arr_0"], z["arr_1"]
 
 
 def class_indices(labels: np.ndarray, c: int, per_class: int, source="") -> np.ndarray:

@@ -183,7 +183,8 @@ def sdxl_scheduler_config() -> dict:
 def save_pipeline_folder(out_dir: str | Path, *, unet, vae, text_encoder, text_encoder_2, tokenizer,
                          tokenizer_2, scheduler) -> Path:
     """Write a diffusers `StableDiffusionXLPipeline` folder (safetensors weights,
-    `force_zeros_for_empty_prompt=True` as SDXL base) to `out_dir`, atomically.
+    `force_zeros_for_empty_prompt=True` as SDXL base) to `out_dir`, atomically, with the folder's
+    checksum manifest (`eval.io.MANIFEST`, verified by `tfd.diffusers_denoiser.load_pipeline_components`).
 
     The pipeline is saved into a temporary sibling folder and renamed into place, so a crash
     leaves no half-written `out_dir`; an existing `out_dir` is replaced (moved aside, then
@@ -196,7 +197,7 @@ def save_pipeline_folder(out_dir: str | Path, *, unet, vae, text_encoder, text_e
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                      scheduler=scheduler, force_zeros_for_empty_prompt=True)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, manifest=True) as tmp:  # + its checksum manifest, verified by the loader
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from eval.errors import BadFile, UserError
+from eval.io import atomic_write_text_sealed, check_record, check_sidecar
 from eval.metrics import fid_key
 from eval.score import read_metric
 from tfd.config import Config
@@ -58,14 +59,13 @@ def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str |
         rec = read_metric(f, metric)
         check_protocol(rec, f, b, ref_stats_sha256)
         row[metric] = rec["value"]
-    train = d / "train.json"
-    if train.is_file():
-        t = read_json(train)
+    t = read_train_info(d)
+    if t is not None:
         row["iters"] = t.get("iters")
         row["generator_updates"] = t.get("generator_updates")
         row["train_wall_s"] = round(t.get("train_wall_s", float("nan")), 1)
         row["ms_per_generator_update"] = round(1e3 * t.get("wall_s_per_generator_update", float("nan")), 1)
-    curve = read_convergence(d)
+    curve = read_convergence(d, last_step=_iters(t))
     for thr in b.eval.fid_thresholds:
         row[f"iters_to_fid<={thr:g}"] = iters_to_reach(curve, thr)
     for k, v in run.paper.items():
@@ -73,36 +73,80 @@ def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str |
     return row
 
 
-def read_convergence(d: Path) -> list[dict]:
-    """The run's convergence record (`convergence.jsonl`: FID on a fixed sample set every K iterations)."""
-    f = d / "convergence.jsonl"
+def read_convergence(d: Path, last_step: int | None = None) -> list[dict]:
+    """The run's convergence record (`convergence.jsonl`: FID on a fixed sample set every K
+    iterations), read and checked (the one reader of the format): [] when the run keeps none; each
+    line a JSON object with an int `step` (strictly increasing) and finite values, matching its
+    `record_sha256` (a changed digit); `last_step` (the run's iterations, from train.json): the record
+    ends there (the trainer always records the last step, so a record cut at a line boundary is
+    seen). BadFile naming the file (and line) otherwise, e.g. for an empty or non-text file. The
+    records come back without their checksums."""
+    f = Path(d) / "convergence.jsonl"
     if not f.is_file():
         return []
+    try:
+        text = f.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFile(f, "not a convergence record (not UTF-8 text: damaged or another file)", found=e) from None
+    if not text.strip():
+        raise BadFile(f, "empty convergence record (the trainer writes one only with records in it)",
+                      hint="retrain the run, or delete the file if the run keeps no convergence record")
     out = []
-    for i, line in enumerate(f.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{f}:{i}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BadFile(f"{f}:{i}", "not a JSON record (truncated or damaged)", found=e) from None
+            raise BadFile(where, "not a JSON record (truncated or damaged)", found=e) from None
+        if not isinstance(rec, dict):
+            raise BadFile(where, "not a convergence record", expected="a JSON object", found=type(rec).__name__)
+        rec = check_record(rec, where, "convergence record")
         bad = {k: v for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
         if not isinstance(rec.get("step"), int) or bad:
-            raise BadFile(f"{f}:{i}", "not a convergence record", expected="an int step and finite values",
+            raise BadFile(where, "not a convergence record", expected="an int step and finite values",
                           found=f"step {rec.get('step')!r}" + (f", non-finite {bad}" if bad else ""))
+        if out and rec["step"] <= out[-1]["step"]:
+            raise BadFile(where, "steps out of order", key="step", expected=f"> {out[-1]['step']}",
+                          found=rec["step"])
         out.append(rec)
+    if last_step is not None and out and out[-1]["step"] != last_step:
+        raise BadFile(f, "the record does not end at the run's last iteration (cut short or from another run)",
+                      key="step", expected=f"{last_step} (iters in {f.with_name('train.json').name})",
+                      found=out[-1]["step"])
     return out
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object file (train.json, ...); BadFile naming it when it is not one."""
+    """A JSON object file (train.json, ...), read and checked: BadFile naming it when it is not one,
+    or when its `record_sha256` (train.json has one) does not match (a changed digit). The record
+    comes back without its checksum."""
     try:
         rec = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadFile(path, "not readable JSON (truncated or damaged)", found=e) from None
     if not isinstance(rec, dict):
         raise BadFile(path, "not a JSON object", found=type(rec).__name__)
-    return rec
+    return check_record(rec, path)
+
+
+def read_train_info(d: Path) -> dict | None:
+    """A run's `train.json` (`read_json`, and a training record: int `iters`), None when the run has
+    none (a sampler row); BadFile naming it for another JSON object (e.g. a metric file)."""
+    f = Path(d) / "train.json"
+    if not f.is_file():
+        return None
+    t = read_json(f)
+    if _iters(t) is None:
+        raise BadFile(f, "not a training record (train.json of tfd distill)", key="iters",
+                      expected="an int number of iterations", found=f"keys {sorted(t)[:8]}")
+    return t
+
+
+def _iters(train: dict | None) -> int | None:
+    it = (train or {}).get("iters")
+    return it if isinstance(it, int) and not isinstance(it, bool) else None
 
 
 def _fid(rec: dict):
@@ -127,6 +171,39 @@ def best_within(curve: list[dict], budget: int):
     return min(fids) if fids else None
 
 
+def write_csv(df: pd.DataFrame, out) -> None:
+    """A table as csv (no index), atomically, with its checksum sidecar `<name>.sha256`
+    (`eval.io.atomic_write_text_sealed`), verified by `read_csv`."""
+    atomic_write_text_sealed(out, df.to_csv(index=False))
+
+
+def read_csv(path) -> pd.DataFrame:
+    """Read a table csv written by `write_csv` (the one reader of the suite's csv tables; the figures
+    read theirs here): FileNotFoundError naming a missing file; BadFile naming the file when it does
+    not match its sidecar `<name>.sha256` (truncated, a changed digit, replaced), is not UTF-8 text,
+    is empty, is cut mid-line (`to_csv` ends every line) or does not parse as csv. A csv without a
+    sidecar (written by hand or by another tool) is read unverified."""
+    import io
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "table csv not found", str(path))
+    check_sidecar(path, "table csv")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFile(path, "not a csv table (not UTF-8 text: damaged or another file)", found=e) from None
+    if not text.strip():
+        raise BadFile(path, "empty csv table", hint="rebuild it (tfd table / tfd ablation)")
+    if not text.endswith("\n"):
+        raise BadFile(path, "csv table cut mid-line (truncated)", hint="rebuild it (tfd table / tfd ablation)")
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise BadFile(path, "not a readable csv table", found=f"{type(e).__name__}: {e}") from None
+
+
 HTML_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:12px} p{max-width:60em} "
               "table{border-collapse:collapse} th,td{border:1px solid #ccc;padding:3px 6px;text-align:left} "
               "th{background:#eee}")
@@ -142,7 +219,7 @@ def _write_csv_md(df: pd.DataFrame, out, note: str) -> None:
         elif df[c].dtype == float and c not in ("train_wall_s",):
             df[c] = df[c].round(4)
     out = Path(out)
-    atomic_write_text(out, df.to_csv(index=False))
+    write_csv(df, out)
     atomic_write_text(out.with_suffix(".md"), note + "\n\n" + df.to_markdown(index=False) + "\n")
     atomic_write_text(out.with_suffix(".html"),
                       f"<!doctype html><meta charset='utf-8'><title>{html.escape(out.name)}</title>"
@@ -185,7 +262,7 @@ def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
         for rec in read_convergence(run_dir(results_dir, cfg.benchmark, run.method, name)):
             rows.append({"run": name, "label": run.label or name, **rec})
     df = pd.DataFrame(rows)
-    atomic_write_text(out, df.to_csv(index=False))
+    write_csv(df, out)
     return df
 
 
@@ -208,13 +285,13 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
     for label, rname in abl.variants:
         run = b.runs[rname]
         d = run_dir(results_dir, cfg.benchmark, run.method, rname)
-        curve = read_convergence(d)
+        train = read_train_info(d)
+        curve = read_convergence(d, last_step=_iters(train))
         fid_name = fid_key((k for r in curve for k in r), "fid")
         row = {"ablation": name, "variant": label, "run": rname}
         for bud in budgets:
             row[f"best_{fid_name}@{bud}"] = best_within(curve, bud)
-        train = d / "train.json"
-        row["iters"] = read_json(train).get("iters") if train.is_file() else None
+        row["iters"] = train.get("iters") if train is not None else None
         for metric in b.eval.metrics:
             f = d / "metrics" / f"{metric}.json"
             rec = read_metric(f, metric)
@@ -231,7 +308,7 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
             f"= {b.eval.num_samples} samples. One training seed per variant.")
     _write_csv_md(df, out, note)
     if curves_out:
-        atomic_write_text(curves_out, pd.DataFrame(curves).to_csv(index=False))
+        write_csv(pd.DataFrame(curves), curves_out)
     return df
 
 
@@ -267,15 +344,15 @@ def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str
             files.update(generator=_file_entry(d / "generator.safetensors"), train=_file_entry(d / "train.json"),
                          checkpoint=_file_entry(d / "ckpt" / "training-state.pt"),
                          convergence=_file_entry(d / "convergence.jsonl"), stats=_file_entry(d / "stats.jsonl"))
-            if (d / "train.json").is_file():
-                t = json.loads((d / "train.json").read_text())
+            t = read_train_info(d)
+            if t is not None:
                 made_by["train"] = {k: t.get(k) for k in ("git_commit", "versions", "host", "time")}
         metrics = {}
         for metric in b.eval.metrics:
             f = d / "metrics" / f"{metric}.json"
             metrics[metric] = _file_entry(f)
             if f.is_file():
-                m = json.loads(f.read_text())
+                m = read_metric(f, metric)
                 metrics[metric]["value"] = m.get("value")
                 p = m.get("provenance", {})
                 made_by.setdefault("metrics", {k: p.get(k) for k in ("git_commit", "versions")})

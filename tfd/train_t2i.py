@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from eval.errors import UserError
-from eval.io import atomic_directory, atomic_write_json, provenance
+from eval.io import atomic_directory, atomic_write_json, check_folder_manifest, provenance
 from eval.sample import dequantise_edm
 from tfd.t2i_tiny import (
     clip_tokenizer,
@@ -75,7 +75,7 @@ def save_pretrained_atomic(model, out_dir: str | os.PathLike) -> Path:
     then renamed into place (an existing `out_dir` is moved aside and deleted after), so a killed
     job leaves the old folder or the new one, never half of one. Returns `out_dir` as a Path."""
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, manifest=True) as tmp:  # + its checksum manifest (verified on load)
         model.save_pretrained(tmp, safe_serialization=True)
     return out
 
@@ -301,6 +301,7 @@ def train_t2i_teacher(images_u8_nhwc: np.ndarray, captions: Sequence[Sequence[st
 
     if len(images_u8_nhwc) != len(captions):
         raise UserError(f"{len(images_u8_nhwc)} images but {len(captions)} caption lists")
+    check_folder_manifest(vae_dir, "VAE folder")
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     x0 = encode_latents(vae, images_to_float(images_u8_nhwc)) * vae.config.scaling_factor
     te1, te2 = tiny_text_encoders(text_seed, text_hidden)

@@ -37,6 +37,7 @@ from tfd.utils import (
     atomic_write_text,
     ensure_writable_dir,
     provenance,
+    seal_record,
     temp_path,
 )
 
@@ -169,6 +170,7 @@ class Trainer:
 
         run_dir/generator.safetensors   the exported generator (its EMA when enabled), by its `Denoiser.save`
         run_dir/train.json              iterations, updates, wall time, world size, config, provenance
+                                        and its checksum `record_sha256`
         run_dir/stats.jsonl             one record per `log_every` steps: step, mean losses, lr_scale, ...
         run_dir/convergence.jsonl       one record per `eval_every` steps: step, generator updates,
                                         train_wall_s (s) and the `eval_fn` metrics (when given)
@@ -560,6 +562,6 @@ class Trainer:
                 "wall_s_per_generator_update": self.train_wall_s / max(gen_updates, 1),
                 "world_size": dist.get_world_size(), "generator": str(out),
                 **provenance(train=asdict(cfg), method_params=asdict(self.method.params))}
-        if dist.get_rank() == 0:
-            atomic_write_json(self.run_dir / "train.json", info)
+        if dist.get_rank() == 0:  # with its checksum (`record_sha256`, verified by tfd.tables.read_json)
+            atomic_write_json(self.run_dir / "train.json", seal_record(info))
         return info

@@ -21,6 +21,7 @@ from eval.io import (  # noqa: F401  (re-exports)
     git_commit,
     package_versions,
     provenance,
+    seal_record,
     temp_path,
 )
 
@@ -52,7 +53,8 @@ def trim_jsonl(path: str | Path, last_step: int) -> int:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (`stats.jsonl`, `convergence.jsonl`).
+    """Appends one JSON object per line (`stats.jsonl`, `convergence.jsonl`), each with its checksum
+    `record_sha256` (so a flipped digit in a log is detected by its reader).
 
     `append=False` starts a new log (an existing file is removed); `append=True` continues it.
     `resume_step=s` continues it after trimming it to the records of steps <= `s` (`trim_jsonl`): what a
@@ -67,8 +69,11 @@ class JsonlLogger:
             self.path.unlink()
 
     def write(self, record: dict) -> None:
+        """Append `record` (values JSON can't hold as floats) with its checksum `record_sha256`
+        (`eval.io.seal_record`; the reader, `tfd.tables.read_convergence`, verifies it per line)."""
+        rec = seal_record(json.loads(json.dumps(record, default=float)))
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps(rec) + "\n")
 
 
 class RunLock:
