@@ -376,7 +376,8 @@ def cmd_table(args):
     if args.convergence:
         write_convergence(cfg, args.results_dir, args.convergence)
     if args.manifest:
-        write_manifest(cfg, args.results_dir, list(df["run"]), args.manifest, table=args.out,
+        write_manifest(cfg, args.results_dir, [m for r in df["run"] for m in b.row_runs(r)], args.manifest,
+                       table=args.out,
                        config_file=_config_files(args)[-1], extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
 
@@ -386,7 +387,8 @@ def cmd_ablation(args):
     cfg, b = _cfg(args)
     df = write_ablation(cfg, args.results_dir, args.name, args.out, args.curves)
     if args.manifest:
-        write_manifest(cfg, args.results_dir, list(dict.fromkeys(df["run"])), args.manifest, table=args.out,
+        write_manifest(cfg, args.results_dir, list(dict.fromkeys(m for r in df["run"] for m in b.row_runs(r))),
+                       args.manifest, table=args.out,
                        config_file=_config_files(args)[-1], extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
 

@@ -289,6 +289,7 @@ class RunCfg:
     label: Optional[str] = None                              # row label in the tables
     paper: dict[str, float] = field(default_factory=dict)   # the paper's reported numbers (shown as paper_*)
     positives: dict[str, Any] = field(default_factory=dict)  # text runs: overrides of the benchmark's positives
+    seeds: Optional[list[int]] = None     # training replicas `<run>@s<k>` (train.seed = k); tables: mean and 95% CI
 
     def resolve(self, where: str) -> "RunCfg":
         """Type the `sampler` / `train` / `params` blocks in place; ConfigError naming `where.<block>`."""
@@ -366,6 +367,7 @@ class AblationCfg:
     overrides: dict[str, Any] = field(default_factory=dict)    # {train: {...}, params: {...}} for every variant
     title: Optional[str] = None
     diversity: Optional[DiversityCfg] = None
+    seeds: Optional[list[int]] = None                          # training replicas of each variant (default: base's)
     # [(label, run name)] per value, filled in by the expansion (not a config key)
     variants: list[tuple[str, str]] = field(default_factory=list, init=False)
 
@@ -408,6 +410,8 @@ def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> l
         block = deep_update(dataclasses.asdict(base), abl.overrides)
         block[section] = {**block[section], leaf: value}
         block.update(label=f"{abl.title or name}: {label}", paper={})
+        if abl.seeds is not None:
+            block["seeds"] = list(abl.seeds)
         run = from_dict(RunCfg, block, f"{w}.values[{i}]").resolve(f"{w}.values[{i}]")
         rname = by_key.get(_run_key(run))
         if rname is None:
@@ -416,6 +420,32 @@ def expand_ablation(runs: dict[str, "RunCfg"], name: str, abl: AblationCfg) -> l
             runs[rname] = run
             by_key[_run_key(run)] = rname
         out.append((label, rname))
+    return out
+
+
+def replica_name(run: str, seed: int) -> str:
+    """The name of training replica `seed` of `run`: `<run>@s<seed>`."""
+    return f"{run}@s{seed}"
+
+
+def expand_replicas(runs: dict[str, "RunCfg"]) -> dict[str, list[str]]:
+    """Add one run per seed of every training run with `seeds` to `runs` (`<run>@s<k>`: the same
+    block with `train.seed = k` and no `seeds`); -> {run: [replica names]}. Sampling seeds stay
+    per image (`eval.base_seed + i`): replicas differ only in their training randomness."""
+    out = {}
+    for name, run in list(runs.items()):
+        if not run.seeds:
+            continue
+        if not run.trains:
+            raise ConfigError(f"runs.{name}.seeds: {name!r} is a sampler row ({run.method}); only training runs "
+                              "have training seeds")
+        if len(set(run.seeds)) != len(run.seeds):
+            raise ConfigError(f"runs.{name}.seeds: {run.seeds} repeats a seed")
+        out[name] = []
+        for k in run.seeds:
+            rname = replica_name(name, int(k))
+            runs[rname] = dataclasses.replace(run, seeds=None, train=dataclasses.replace(run.train, seed=int(k)))
+            out[name].append(rname)
     return out
 
 
@@ -435,6 +465,13 @@ class BenchmarkCfg:
     table1: list[str] = field(default_factory=list)         # run names, in table order
     table2: list[str] = field(default_factory=list)         # text benchmarks: Table 2's rows
     ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
+    compare_to: Optional[str] = None    # tables: each row tested against this row (Welch's t-test over seeds)
+    # run -> its training replicas `<run>@s<k>` (runs with `seeds`), filled in by the expansion (not a config key)
+    replicas: dict[str, list[str]] = field(default_factory=dict, init=False)
+
+    def row_runs(self, name: str) -> list[str]:
+        """The runs a table row `name` is made of: its training replicas (`seeds`), or itself."""
+        return self.replicas.get(name, [name])
 
     def positives_for(self, run_name: str) -> PositivesCfg:
         """The positives settings of a run: the benchmark's block with the run's `positives` overrides."""
@@ -455,6 +492,9 @@ class BenchmarkCfg:
             raise ConfigError(problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems))
         for name, abl in self.ablations.items():  # adds the sweeps' runs to `runs`
             abl.variants = expand_ablation(self.runs, name, abl)
+        self.replicas = expand_replicas(self.runs)
+        if self.compare_to is not None and self.compare_to not in self.runs:
+            raise ConfigError(f"compare_to: run {self.compare_to!r} is not defined (defined: {sorted(self.runs)})")
 
 
 @dataclass

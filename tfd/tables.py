@@ -41,36 +41,117 @@ def check_protocol(rec: dict, path: Path, b, ref_stats_sha256: str | None = None
                       key="provenance.ref_stats_sha256", expected=ref_stats_sha256[:16], found=theirs[:16])
 
 
-def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str | None = None) -> dict:
-    """One table row of run `run_name`: its metrics (each file read by `read_metric` and checked
-    against the config's protocol by `check_protocol`), NFE, training cost, convergence thresholds
-    and the paper's numbers."""
+def _one_run(cfg: Config, results_dir, row_name: str, run_name: str, ref_stats_sha256: str | None) -> dict:
+    """The measured columns of one run (a row, or one training replica of it): its metrics (each
+    file read by `read_metric` and checked against the config's protocol by `check_protocol`),
+    training cost and iterations to the FID thresholds."""
     b = cfg.bench()
     run = b.runs[run_name]
     d = run_dir(results_dir, cfg.benchmark, run.method, run_name)
-    row = {"run": run_name, "method": run.label or run.method, "nfe": run_nfe(b, run_name)}
-    if run.missing_weights:
-        row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
+    out = {}
     for metric in b.eval.metrics:
         f = d / "metrics" / f"{metric}.json"
         if run.missing_weights and not f.is_file():
-            row[metric] = None
+            out[metric] = None
             continue
         rec = read_metric(f, metric)
         check_protocol(rec, f, b, ref_stats_sha256)
-        row[metric] = rec["value"]
+        out[metric] = rec["value"]
     t = read_train_info(d)
     if t is not None:
-        row["iters"] = t.get("iters")
-        row["generator_updates"] = t.get("generator_updates")
-        row["train_wall_s"] = round(t.get("train_wall_s", float("nan")), 1)
-        row["ms_per_generator_update"] = round(1e3 * t.get("wall_s_per_generator_update", float("nan")), 1)
+        out["iters"] = t.get("iters")
+        out["generator_updates"] = t.get("generator_updates")
+        out["train_wall_s"] = round(t.get("train_wall_s", float("nan")), 1)
+        out["ms_per_generator_update"] = round(1e3 * t.get("wall_s_per_generator_update", float("nan")), 1)
     curve = read_convergence(d, last_step=_iters(t))
     for thr in b.eval.fid_thresholds:
-        row[f"iters_to_fid<={thr:g}"] = iters_to_reach(curve, thr)
+        out[f"iters_to_fid<={thr:g}"] = iters_to_reach(curve, thr)
+    return out
+
+
+def t_interval(values) -> tuple[float, float]:
+    """(mean, half-width of the two-sided 95% Student-t confidence interval of the mean) of
+    replica values (n >= 2): `t_{0.975, n-1} * s / sqrt(n)` with `s` the sample standard
+    deviation (ddof 1). n = 1: (value, nan)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def _aggregate(rows: list[dict], metrics: list[str]) -> dict:
+    """One row from its replicas' columns: each metric's mean and `<metric>_ci95` (`t_interval`);
+    counts and costs averaged; iterations to a threshold averaged only when every replica reached
+    it (else None)."""
+    out = {"seeds": len(rows)}
+    for key in rows[0]:
+        vals = [r.get(key) for r in rows]
+        if any(v is None for v in vals):
+            out[key] = None
+            if key in metrics:
+                out[f"{key}_ci95"] = None
+            continue
+        mean, hw = t_interval(vals)
+        out[key] = mean if key in metrics or not all(isinstance(v, int) for v in vals) else round(mean)
+        if key in metrics:
+            out[f"{key}_ci95"] = hw
+    return out
+
+
+def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str | None = None,
+                replicas_out: list | None = None) -> dict:
+    """One table row: run `run_name`'s measured columns (`_one_run`), or with `seeds` the mean and
+    95% t-interval over its training replicas (`<run>@s<k>`, whose own columns are appended to
+    `replicas_out`), NFE and the paper's numbers."""
+    b = cfg.bench()
+    run = b.runs[run_name]
+    row = {"run": run_name, "method": run.label or run.method, "nfe": run_nfe(b, run_name)}
+    if run.missing_weights:
+        row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
+    members = b.row_runs(run_name)
+    cols = [_one_run(cfg, results_dir, run_name, r, ref_stats_sha256) for r in members]
+    if run_name in b.replicas:
+        row.update(_aggregate(cols, list(b.eval.metrics)))
+        if replicas_out is not None:
+            replicas_out += [{"run": run_name, "replica": r, "seed": b.runs[r].train.seed, **c}
+                             for r, c in zip(members, cols)]
+    else:
+        row.update(cols[0])
     for k, v in run.paper.items():
         row[f"paper_{k}"] = v
     return row
+
+
+def compare_rows(cfg: Config, rows: list[dict], replicas: list[dict]) -> dict[str, str]:
+    """The comparison column: for each row, whether its FID differs from the `compare_to` row's
+    beyond the spread of training seeds, by Welch's two-sided t-test at the 5% level on the
+    replica values (`scipy.stats.ttest_ind(equal_var=False)`): `lower`/`higher (p=...)`,
+    `n.s. (p=...)`, or `n/a` where either row has fewer than 2 seeds."""
+    from scipy import stats
+
+    b = cfg.bench()
+    ref = b.compare_to
+    metric = fid_key(b.eval.metrics)
+    per_row: dict[str, list[float]] = {}
+    for r in replicas:
+        if r.get(metric) is not None:
+            per_row.setdefault(r["run"], []).append(r[metric])
+    out = {}
+    for row in rows:
+        name = row["run"]
+        a, c = per_row.get(name, []), per_row.get(ref, [])
+        if name == ref:
+            out[name] = "reference"
+        elif len(a) < 2 or len(c) < 2:
+            out[name] = "n/a (needs >= 2 seeds in both rows)"
+        else:
+            p = float(stats.ttest_ind(a, c, equal_var=False).pvalue)
+            diff = sum(a) / len(a) - sum(c) / len(c)
+            out[name] = (("lower" if diff < 0 else "higher") if p < 0.05 else "n.s.") + f" (p={p:.3g})"
+    return out
 
 
 def read_convergence(d: Path, last_step: int | None = None) -> list[dict]:
@@ -234,14 +315,27 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
     BadFile / FileNotFoundError for a missing, damaged or other-protocol metric file (`ref_stats`:
     the reference statistics every feature metric must have used)."""
     b = cfg.bench()
-    rows = getattr(b, table) or (list(b.runs) if table == "table1" else [])
+    rows = table_rows(b, table)
     if not rows:
         raise UserError(f"benchmark {cfg.benchmark!r} has no {table} rows (benchmarks.{cfg.benchmark}.{table})")
     ref_sha = file_sha256(ref_stats) if ref_stats else None
-    df = pd.DataFrame([collect_row(cfg, results_dir, r, ref_sha) for r in rows])
+    replicas: list[dict] = []
+    records = [collect_row(cfg, results_dir, r, ref_sha, replicas) for r in rows]
+    if b.compare_to is not None:
+        vs = compare_rows(cfg, records, replicas)
+        for rec in records:
+            rec[f"vs_{b.compare_to}"] = vs[rec["run"]]
+    df = pd.DataFrame(records)
     note = (f"Benchmark `{cfg.benchmark}`. Measured by this suite"
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
+    if replicas:
+        note += (" Rows with `seeds` > 1: mean over their training replicas (the final generator of a fixed "
+                 "budget each, never best-of); `<metric>_ci95`: half-width of the 95% Student-t interval of the "
+                 "mean; per-replica values in `_replicas.csv`.")
+    if b.compare_to is not None:
+        note += (f" `vs_{b.compare_to}`: Welch's two-sided t-test of the row's "
+                 f"{fid_key(b.eval.metrics)} against row `{b.compare_to}` over training seeds, 5% level.")
     if b.task == "text":
         clip = f"open_clip `{b.eval.clip_model}`" + (" trained on this benchmark's captions by the workflow, not the "
                                                     "paper's ViT-g-14" if b.data.kind == "digits_text" else "")
@@ -250,17 +344,36 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
                  f"Image i gets prompt i % {b.prompts.num_prompts} and seed base + i, whatever the batch size or "
                  "number of shards (DMD2 seeds per batch).")
     _write_csv_md(df, out, note)
+    if replicas:
+        write_csv(pd.DataFrame(replicas), replicas_path(out))
     return df
+
+
+def table_rows(b, table: str) -> list[str]:
+    """The rows of `table` (table1 / table2) of benchmark `b`: its list, or for table1 every run
+    that is not a training replica of another."""
+    listed = getattr(b, table)
+    if listed or table != "table1":
+        return list(listed)
+    members = {m for reps in b.replicas.values() for m in reps}
+    return [r for r in b.runs if r not in members]
+
+
+def replicas_path(out) -> Path:
+    """`<table>_replicas.csv` beside `<table>.csv`: the per-replica values of rows with seeds."""
+    out = Path(out)
+    return out.with_name(out.stem + "_replicas.csv")
 
 
 def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
     """All runs' convergence records in one long table (run, label, step, generator_updates, wall, fid)."""
     b = cfg.bench()
     rows = []
-    for name in (b.table1 or list(b.runs)):
-        run = b.runs[name]
-        for rec in read_convergence(run_dir(results_dir, cfg.benchmark, run.method, name)):
-            rows.append({"run": name, "label": run.label or name, **rec})
+    for row in table_rows(b, "table1"):
+        for name in b.row_runs(row):  # a row with seeds: one record per training replica
+            run = b.runs[name]
+            for rec in read_convergence(run_dir(results_dir, cfg.benchmark, run.method, name)):
+                rows.append({"run": name, "label": run.label or name, **rec})
     df = pd.DataFrame(rows)
     write_csv(df, out)
     return df
@@ -282,31 +395,47 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
     abl = b.ablations[name]
     budgets = ablation_budgets(cfg, name)
     rows, curves = [], []
+    replicas: list[dict] = []
     for label, rname in abl.variants:
-        run = b.runs[rname]
-        d = run_dir(results_dir, cfg.benchmark, run.method, rname)
-        train = read_train_info(d)
-        curve = read_convergence(d, last_step=_iters(train))
-        fid_name = fid_key((k for r in curve for k in r), "fid")
+        cols = []
+        for member in b.row_runs(rname):  # the variant's training replicas (`seeds`), or itself
+            run = b.runs[member]
+            d = run_dir(results_dir, cfg.benchmark, run.method, member)
+            train = read_train_info(d)
+            curve = read_convergence(d, last_step=_iters(train))
+            fid_name = fid_key((k for r in curve for k in r), "fid")
+            col = {f"best_{fid_name}@{bud}": best_within(curve, bud) for bud in budgets}
+            col["iters"] = train.get("iters") if train is not None else None
+            for metric in b.eval.metrics:
+                f = d / "metrics" / f"{metric}.json"
+                rec = read_metric(f, metric)
+                check_protocol(rec, f, b)
+                col[f"final_{metric}"] = rec["value"]
+            cols.append(col)
+            curves += [{"ablation": name, "variant": label, "run": member, **rec} for rec in curve]
         row = {"ablation": name, "variant": label, "run": rname}
-        for bud in budgets:
-            row[f"best_{fid_name}@{bud}"] = best_within(curve, bud)
-        row["iters"] = train.get("iters") if train is not None else None
-        for metric in b.eval.metrics:
-            f = d / "metrics" / f"{metric}.json"
-            rec = read_metric(f, metric)
-            check_protocol(rec, f, b)
-            row[f"final_{metric}"] = rec["value"]
+        if rname in b.replicas:
+            measured = [k for k in cols[0] if k != "iters"]
+            row.update(_aggregate(cols, measured))
+            replicas += [{"ablation": name, "variant": label, "replica": m, **c}
+                         for m, c in zip(b.row_runs(rname), cols)]
+        else:
+            row.update(cols[0])
         rows.append(row)
-        curves += [{"ablation": name, "variant": label, "run": rname, **rec} for rec in curve]
     df = pd.DataFrame(rows)
+    seeds = sorted({len(b.row_runs(r)) for _, r in abl.variants})
     conv_n = b.eval.convergence_samples
     note = (f"Ablation `{name}` ({abl.title or abl.key}), benchmark `{cfg.benchmark}`, base run `{abl.base}`, "
             f"varying `{abl.key}`. Measured by this suite. `best_<fid>@N`: the lowest FID of the run's "
             f"convergence record ({conv_n} samples, every train.eval_every iterations) no later than N iterations, "
             f"as the paper reports its ablations; `final_*`: the final generator on eval.num_samples "
-            f"= {b.eval.num_samples} samples. One training seed per variant.")
+            f"= {b.eval.num_samples} samples. " + (
+                "One training seed per variant." if seeds == [1] else
+                f"Mean over {'/'.join(map(str, seeds))} training seeds per variant, `*_ci95`: half-width of the "
+                "95% Student-t interval of the mean; per-replica values in `_replicas.csv`."))
     _write_csv_md(df, out, note)
+    if replicas:
+        write_csv(pd.DataFrame(replicas), replicas_path(out))
     if curves_out:
         write_csv(pd.DataFrame(curves), curves_out)
     return df

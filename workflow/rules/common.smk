@@ -456,10 +456,17 @@ def table2_runs():
 
 
 def run_outputs(runs, bench=None):
-    """A table's inputs: each run's metric files and, for training runs, train.json."""
+    """A table's inputs: each row's metric files and, for training runs, train.json; a row with
+    `seeds` stands for its training replicas `<run>@s<k>` (tfd.config.expand_replicas)."""
     bench = bench or BENCH
-    return ([f for r in runs for f in metric_files(r, bench)]
-            + [f"{run_dir(r, bench)}/train.json" for r in runs if BENCHES[bench].runs[r].trains])
+    members = [m for r in runs for m in BENCHES[bench].row_runs(r)]
+    return ([f for r in members for f in metric_files(r, bench)]
+            + [f"{run_dir(r, bench)}/train.json" for r in members if BENCHES[bench].runs[r].trains])
+
+
+def sample_run(run, bench=None):
+    """The run whose samples show row `run` in the figures: its first training replica, or itself."""
+    return BENCHES[bench or BENCH].row_runs(run)[0]
 
 
 def manifest_inputs(wildcards, input):
@@ -473,7 +480,7 @@ def diversity_ablations():
 
 
 def diversity_samples(wildcards):
-    return {label: f"{run_dir(run)}/samples.npz" for label, run in ABLATIONS[wildcards.ablation].variants}
+    return {label: f"{run_dir(sample_run(run))}/samples.npz" for label, run in ABLATIONS[wildcards.ablation].variants}
 
 
 def all_figures():

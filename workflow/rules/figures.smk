@@ -23,7 +23,7 @@ rule figure_convergence:
 
 rule figure_samples:
     input:
-        lambda wc: f"{run_dir(wc.run)}/samples.npz",
+        lambda wc: f"{run_dir(sample_run(wc.run))}/samples.npz",
     output:
         png=report(f"{FIGURES_DIR}/samples_{{run}}.png", caption="../report/samples.rst", category="4. Samples",
                    labels=lambda wc: {"run": wc.run, "method": RUNS[wc.run].method}),

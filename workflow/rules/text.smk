@@ -152,7 +152,7 @@ if TEXT_CFG is not None:
 
     rule figure_prompts:
         input:
-            unpack(lambda wc: {r: f"{run_dir(r, TB)}/samples.npz" for r in table2_runs()}),
+            unpack(lambda wc: {r: f"{run_dir(sample_run(r, TB), TB)}/samples.npz" for r in table2_runs()}),
             prompts=prompts_file(TB),
         output:
             png=report(f"{FIGURES_DIR}/table2_prompts.png", caption="../report/prompts.rst", category="3. Figures"),

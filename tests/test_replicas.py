@@ -1,0 +1,111 @@
+"""Training replicas (`seeds:` on a run or a sweep): config expansion, the table's mean and 95%
+t-interval over seeds, the per-replica csv, the Welch comparison column, and the DAG's jobs."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from tfd.config import ConfigError, load_config
+from tfd.tables import t_interval, write_table
+
+from tests.helpers import ROOT
+
+
+def _cfg(runs=None, **bench):
+    over = {"text_benchmark": None, "benchmarks": {"digits": {"runs": runs or {}, **bench}}}
+    return load_config(ROOT / "config.yaml", over)
+
+
+def test_seeds_expand_into_replicas_sharing_everything_but_the_training_seed():
+    b = _cfg({"dmd2": {"seeds": [3, 1]}}).bench()
+    assert b.row_runs("dmd2") == ["dmd2@s3", "dmd2@s1"] and b.row_runs("tfd") == ["tfd"]
+    base = b.runs["dmd2"]
+    for name, seed in (("dmd2@s3", 3), ("dmd2@s1", 1)):
+        r = b.runs[name]
+        assert r.train.seed == seed and r.seeds is None
+        assert r.params == base.params and r.method == base.method
+        assert {k: v for k, v in vars(r.train).items() if k != "seed"} == \
+               {k: v for k, v in vars(base.train).items() if k != "seed"}
+
+
+def test_a_sweep_with_seeds_replicates_every_variant():
+    b = _cfg().bench()
+    name = next(iter(b.ablations))
+    abl = {name: {"seeds": [0, 1]}}
+    b = _cfg(ablations=abl).bench()
+    for _, variant in b.ablations[name].variants:
+        assert b.row_runs(variant) == [f"{variant}@s0", f"{variant}@s1"]
+
+
+@pytest.mark.parametrize("runs,bench,match", [
+    ({"teacher_ode": {"seeds": [0, 1]}}, {}, "sampler row"),
+    ({"tfd": {"seeds": [0, 0]}}, {}, "repeats a seed"),
+    ({}, {"compare_to": "nope"}, "compare_to: run 'nope' is not defined"),
+])
+def test_bad_seed_configs_name_the_key(runs, bench, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(runs, **bench)
+
+
+def test_t_interval_is_students():
+    v = [10.0, 12.0, 11.5, 9.0]
+    mean, hw = t_interval(v)
+    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))  # scipy's own interval
+    assert mean == pytest.approx(np.mean(v)) and hw == pytest.approx((hi - lo) / 2, rel=1e-12)
+    assert math.isnan(t_interval([4.0])[1])
+
+
+def _metric(d, metric, value, n):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{metric}.json").write_text(json.dumps({"metric": metric, "value": value, "n": n}))
+
+
+def test_table_reports_mean_interval_replicas_and_welch(tmp_path):
+    cfg = _cfg({"dmd2": {"seeds": [0, 1, 2]}, "tfd": {"seeds": [0, 1, 2]}}, table1=["dmd2", "tfd", "teacher_ode"],
+               compare_to="dmd2", ablations={})
+    b = cfg.bench()
+    n = b.eval.num_samples
+    fids = {"dmd2": [30.0, 31.0, 29.5], "tfd": [10.0, 11.0, 10.5], "teacher_ode": [5.0]}
+    for row, values in fids.items():
+        for run, v in zip(b.row_runs(row), values):
+            for m in b.eval.metrics:
+                _metric(tmp_path / "digits" / b.runs[run].method / run / "metrics", m, v if m == "fid_digits" else 0.5,
+                        n)
+    df = write_table(cfg, tmp_path, tmp_path / "table1.csv").set_index("run")
+    mean, hw = t_interval(fids["tfd"])
+    assert df.loc["tfd", "fid_digits"] == pytest.approx(round(mean, 4)) and df.loc["tfd", "seeds"] == 3
+    assert df.loc["tfd", "fid_digits_ci95"] == pytest.approx(round(hw, 4))
+    assert pd.isna(df.loc["teacher_ode", "fid_digits_ci95"]) and df.loc["teacher_ode", "fid_digits"] == 5.0
+    p = stats.ttest_ind(fids["tfd"], fids["dmd2"], equal_var=False).pvalue
+    # Welch's test written out: t and Welch-Satterthwaite degrees of freedom
+    a, c = np.array(fids["tfd"]), np.array(fids["dmd2"])
+    va, vc = a.var(ddof=1) / len(a), c.var(ddof=1) / len(c)
+    t = (a.mean() - c.mean()) / np.sqrt(va + vc)
+    dof = (va + vc) ** 2 / (va ** 2 / (len(a) - 1) + vc ** 2 / (len(c) - 1))
+    assert p == pytest.approx(2 * stats.t.sf(abs(t), dof), rel=1e-10)
+    assert df.loc["tfd", "vs_dmd2"] == f"lower (p={p:.3g})" and df.loc["dmd2", "vs_dmd2"] == "reference"
+    assert df.loc["teacher_ode", "vs_dmd2"].startswith("n/a")
+    reps = pd.read_csv(tmp_path / "table1_replicas.csv")
+    assert sorted(reps["replica"]) == sorted(b.row_runs("dmd2") + b.row_runs("tfd"))
+    assert reps.set_index("replica").loc["tfd@s1", "fid_digits"] == 11.0
+    md = (tmp_path / "table1.md").read_text()
+    assert "95% Student-t interval" in md and "Welch" in md and "never best-of" in md
+
+
+def test_tiny_dag_trains_replicas_not_the_base(run_snakemake, tmp_path):
+    """The tiny DAG's `dmd2` row has seeds [0, 1]: its replicas are distilled, sampled and scored,
+    the base run is not, and table1 reads both replicas."""
+    import shutil
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    r = run_snakemake(tmp_path, "results/table1.csv", "-n", "--forceall", "--configfile", ROOT / ".test/config.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    jobs = re.findall(r"rule distill:\n(?:.*\n)*?    wildcards: bench=digits, method=(\w+), run=([^\s,]+)", out)
+    runs = {run for _, run in jobs}
+    assert {"dmd2@s0", "dmd2@s1"} <= runs and "dmd2" not in runs, runs
