@@ -156,19 +156,20 @@ def load_ref_stats(path: str | os.PathLike) -> dict:
 def check_ref_stats(path: str | os.PathLike, metrics, dim: int | None = None) -> dict:
     """Check reference statistics for a scoring call before any feature is computed: readable and
     finite (`load_ref_stats`), of the extractor's feature dimension `dim`, and holding reference
-    features when one of `metrics` (registry names) needs them (precision/recall). Returns the
-    loaded statistics; BadFile naming the file otherwise."""
-    from eval.metrics import METRICS
+    features when one of `metrics` (registry names) needs them (`eval.metrics.needs_ref_features`:
+    precision/recall, kid, density/coverage). Returns the loaded statistics; BadFile naming the
+    file otherwise."""
+    from eval.metrics import needs_ref_features
 
     ref = load_ref_stats(path)
     if dim is not None and ref["mu"].shape != (dim,):
         raise BadFile(path, "wrong feature dimension", key="mu", expected=f"{dim} (the configured extractor's)",
                       found=str(ref["mu"].shape[0]))
-    need = [m for m in metrics if m in METRICS and "pr" in METRICS[m].needs]
+    need = [m for m in metrics if needs_ref_features(m)]
     if need and ref["features"] is None:
         raise BadFile(path, f"{', '.join(need)} need the reference features, but the file stores only mu/sigma",
                       key="features", hint="rebuild it with `tfd ref-stats` (which stores them), or drop "
-                      "precision/recall from eval.metrics")
+                      "the metrics that need them from eval.metrics")
     return ref
 
 

@@ -5,19 +5,30 @@ pure given its inputs), the names of the inputs it needs (`needs`, see `INPUTS`)
 feature metrics, the feature extractor whose features it is computed on. One metric file is
 written per name (`eval.score.score_samples`), so the names are also file names and table columns.
 
-| name                                             | needs                     | extractor                     |
-|--------------------------------------------------|---------------------------|-------------------------------|
-| `fid` / `precision` / `recall`                   | features + ref (+ pr)     | `inception`, clean-fid legacy |
-| `fid_digits` / `precision_digits` / `recall_digits` | features + ref (+ pr)  | `digits`                      |
-| `fid_clean` / `precision_clean` / `recall_clean` | features + ref (+ pr)     | `clean-fid` mode `clean`      |
-| `max_ssim`                                       | images, labels            | -                             |
-| `class_acc`                                      | classifier, images, labels| digits classifier             |
-| `clip_score`                                     | clip, images, captions    | -                             |
+| name                                                | needs                        | extractor                     |
+|-----------------------------------------------------|------------------------------|-------------------------------|
+| `fid` / `precision` / `recall`                      | features + ref (+ pr)        | `inception`, clean-fid legacy |
+| `kid` / `density` / `coverage`                      | features + ref_features / dc | `inception`, clean-fid legacy |
+| `fid_digits` / `precision_digits` / `recall_digits` | features + ref (+ pr)        | `digits`                      |
+| `kid_digits` / `density_digits` / `coverage_digits` | features + ref_features / dc | `digits`                      |
+| `fid_clean` / `precision_clean` / `recall_clean`    | features + ref (+ pr)        | `clean-fid` mode `clean`      |
+| `kid_clean` / `density_clean` / `coverage_clean`    | features + ref_features / dc | `clean-fid` mode `clean`      |
+| `max_ssim`                                          | images, labels               | -                             |
+| `class_acc`                                         | classifier, images, labels   | digits classifier             |
+| `clip_score`                                        | clip, images, captions       | -                             |
 
-The generic names `fid`/`precision`/`recall` given to `eval.score.compute_metrics` are mapped to
-the extractor's names (`metric_names`). `check_metric_names` is the config-time check (`tfd
-check-config`, Snakemake's parse-time check): it lists unknown names and names that the configured
-extractor cannot compute, before any job runs.
+Per extractor: `fid*` the Frechet distance (float64, `eval.fid`); `precision*`/`recall*` improved
+precision/recall with k = `PR_K` = 3 (ADM); `kid*` the Kernel Inception Distance as torch-fidelity
+0.4.0 computes it (`eval.kid`: cubic polynomial kernel, unbiased MMD^2, mean over `eval.kid.SUBSETS`
+= 100 subsets of min(`eval.kid.SUBSET_SIZE` = 1000, N, N_ref), seed 2020; the std over the subsets in
+the details); `density*`/`coverage*` Naeem et al. 2020 with k = `DC_K` = 5 (`eval.prdc.density_coverage`).
+All but `fid*` need the reference features stored in the reference statistics (`REF_FEATURE_INPUTS`,
+`needs_ref_features`; `eval.fid.check_ref_stats` refuses a file without them).
+
+The generic names `fid`/`precision`/`recall`/`kid`/`density`/`coverage` (`GENERIC`) given to
+`eval.score.compute_metrics` are mapped to the extractor's names (`metric_names`).
+`check_metric_names` is the config-time check (`tfd check-config`, Snakemake's parse-time check):
+it lists unknown names and names that the configured extractor cannot compute, before any job runs.
 
 `fid_key` answers "which column/key holds the FID" for convergence records and tables.
 """
@@ -32,9 +43,11 @@ import numpy as np
 
 from eval.errors import UserError
 
-PR_K = 3
-GENERIC = ("fid", "precision", "recall")
-FEATURE_INPUTS = ("features", "ref", "pr")
+PR_K = 3  # improved precision/recall: k of the k-NN balls, ADM's evaluator (Kynkaanniemi et al. use 3 too)
+DC_K = 5  # density/coverage: k of the k-NN balls, Naeem et al. 2020's recommended k (their experiments, their code)
+GENERIC = ("fid", "precision", "recall", "kid", "density", "coverage")
+FEATURE_INPUTS = ("features", "ref", "ref_features", "pr", "dc")
+REF_FEATURE_INPUTS = ("ref_features", "pr", "dc")  # inputs built from the reference FEATURES (not mu/sigma)
 
 # What a metric function can ask for; `MetricInputs` builds each at most once per scoring call.
 INPUTS = {
@@ -44,7 +57,10 @@ INPUTS = {
     "features": "float64 [N, D] numpy features of the samples from the feature extractor",
     "ref": "reference statistics dict from eval.fid.load_ref_stats (mu, sigma, features, provenance), "
            "checked against the extractor's provenance",
+    "ref_features": "[M, D] reference features stored in the reference statistics (float32 as stored); "
+                    "UserError when the file holds only mu/sigma",
     "pr": "eval.prdc.prdc(reference features, sample features, k=PR_K)",
+    "dc": "eval.prdc.density_coverage(reference features, sample features, k=DC_K)",
     "classifier": "(eval.features.DigitsExtractor, provenance dict) of the digits classifier",
     "clip": "eval.clip_score.ClipScorer",
 }
@@ -81,6 +97,40 @@ def recall(pr: Mapping) -> tuple[float, dict]:
     """Improved recall (share of reference features inside the k-NN balls of the samples), from
     the same `pr` as `precision`; a number in [0, 1]."""
     return pr["recall"], _pr_details(pr)
+
+
+def kid(features: np.ndarray, ref_features: np.ndarray) -> tuple[float, dict]:
+    """Kernel Inception Distance (Binkowski et al. 2018) of sample `features` [N, D] against
+    `ref_features` [M, D] as torch-fidelity 0.4.0 computes it (`eval.kid.kid`, float64): the mean of
+    the unbiased MMD^2 with kernel (<x,y>/D + 1)^3 over `eval.kid.SUBSETS` random subsets of
+    min(`eval.kid.SUBSET_SIZE`, N, M), seed `eval.kid.SEED`. Details: the std over the subsets
+    (`kid_std`), the subset count and size, the seed, the kernel."""
+    from eval.kid import DEFINITION
+    from eval.kid import kid as kid_estimate
+
+    r = kid_estimate(features, ref_features)
+    return r["mean"], {"kid_std": r["std"], **{k: v for k, v in r.items() if k not in ("mean", "std")},
+                       "definition": DEFINITION}
+
+
+_DC_DEFINITION = "density and coverage (Naeem et al. 2020), k-NN balls of the reference features"
+
+
+def _dc_details(dc: Mapping) -> dict:
+    return {"k": dc["k"], "n_real": dc["n_real"], "definition": _DC_DEFINITION}
+
+
+def density(dc: Mapping) -> tuple[float, dict]:
+    """Density: the mean number of reference k-NN balls (k = DC_K) containing a sample, divided by
+    k, from `dc` = `eval.prdc.density_coverage(ref_features, features, k=DC_K)`; >= 0, ~1 when the
+    samples follow the reference distribution, may exceed 1."""
+    return dc["density"], _dc_details(dc)
+
+
+def coverage(dc: Mapping) -> tuple[float, dict]:
+    """Coverage: share of reference features whose k-NN ball (k = DC_K) contains a sample, from the
+    same `dc` as `density`; a number in [0, 1]."""
+    return dc["coverage"], _dc_details(dc)
 
 
 def max_ssim(images: np.ndarray, labels: np.ndarray | None) -> tuple[float, dict]:
@@ -136,7 +186,10 @@ class MetricSpec:
 def _feature_specs(suffix: str, extractors: tuple[str, ...]) -> dict[str, MetricSpec]:
     return {f"fid{suffix}": MetricSpec(f"fid{suffix}", fid, ("features", "ref"), extractors),
             f"precision{suffix}": MetricSpec(f"precision{suffix}", precision, ("pr",), extractors),
-            f"recall{suffix}": MetricSpec(f"recall{suffix}", recall, ("pr",), extractors)}
+            f"recall{suffix}": MetricSpec(f"recall{suffix}", recall, ("pr",), extractors),
+            f"kid{suffix}": MetricSpec(f"kid{suffix}", kid, ("features", "ref_features"), extractors),
+            f"density{suffix}": MetricSpec(f"density{suffix}", density, ("dc",), extractors),
+            f"coverage{suffix}": MetricSpec(f"coverage{suffix}", coverage, ("dc",), extractors)}
 
 
 # Order = the order in which metrics are computed and returned.
@@ -155,6 +208,13 @@ def known_metrics() -> list[str]:
     return list(METRICS)
 
 
+def needs_ref_features(name: str) -> bool:
+    """True when registry metric `name` needs the reference features (not only mu/sigma), i.e. one
+    of its inputs is in `REF_FEATURE_INPUTS`; False for unknown names."""
+    spec = METRICS.get(name)
+    return spec is not None and any(n in REF_FEATURE_INPUTS for n in spec.needs)
+
+
 def extractor_kind(extractor, cleanfid_mode: str = "clean") -> str | None:
     """`digits`, `inception`, `clean-fid:clean` or `clean-fid:legacy_tensorflow` for a built
     extractor or an extractor name (a clean-fid name uses `cleanfid_mode`); None for None."""
@@ -167,8 +227,9 @@ def extractor_kind(extractor, cleanfid_mode: str = "clean") -> str | None:
 
 
 def metric_names(extractor) -> dict[str, str]:
-    """generic name (fid/precision/recall) -> the metric name for this extractor (a built
-    extractor or a registry name; a clean-fid name means mode `clean`); {} for None."""
+    """generic name (`GENERIC`: fid/precision/recall/kid/density/coverage) -> the metric name for
+    this extractor (a built extractor or a registry name; a clean-fid name means mode `clean`); {}
+    for None."""
     kind = extractor_kind(extractor)
     if kind is None:
         return {}
@@ -292,14 +353,23 @@ class MetricInputs:
                              f"extractor {self.extractor.name} gives {feats.shape[1]}")
         return feats
 
+    def _make_ref_features(self) -> np.ndarray:
+        ref = self["ref"]
+        if ref["features"] is None:
+            raise UserError(f"precision/recall/kid/density/coverage need reference features, but "
+                            f"{self.ref_stats_path} stores only mu/sigma; rebuild it with "
+                            f"make_ref_stats(..., store_features=True)")
+        return ref["features"]
+
     def _make_pr(self) -> dict:
         from eval.prdc import prdc
 
-        ref = self["ref"]
-        if ref["features"] is None:
-            raise UserError(f"precision/recall need reference features, but {self.ref_stats_path} stores only "
-                             f"mu/sigma; rebuild it with make_ref_stats(..., store_features=True)")
-        return prdc(ref["features"], self["features"], k=PR_K)
+        return prdc(self["ref_features"], self["features"], k=PR_K)
+
+    def _make_dc(self) -> dict:
+        from eval.prdc import density_coverage
+
+        return density_coverage(self["ref_features"], self["features"], k=DC_K)
 
     def _make_classifier(self) -> tuple:
         from eval.features import DigitsExtractor

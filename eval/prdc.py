@@ -1,11 +1,24 @@
 """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3 as in ADM's evaluator.py,
-plus density and coverage (Naeem et al. 2020) from the same distances.
+plus density and coverage (Naeem et al. 2020) from the same distances (`prdc`), and density and
+coverage alone (`density_coverage`, one pass; the registered metrics use it with k = 5, Naeem et al.'s
+recommendation, `eval.metrics.DC_K`).
 
 Each set's manifold is the union of balls around its points whose radius is the distance to the
 k-th nearest neighbour within the set (the point itself excluded). precision = share of generated
 points inside at least one real ball; recall = share of real points inside at least one generated
 ball. Membership is `distance <= radius` (ADM, torch-fidelity). Distances are computed in batches
 of rows (float64 by default), so memory is `batch_size x N` and N ~ 10k is fine on a CPU.
+
+Density and coverage (Naeem et al. 2020, "Reliable fidelity and diversity metrics for generative
+models", Sec. 3; reference implementation clovaai/generative-evaluation-prdc), with real points X_i
+(i < N), generated points Y_j (j < M) and r_i the distance from X_i to its k-th nearest real neighbour:
+
+    density  = 1 / (k M) * sum_j sum_i 1[ ||Y_j - X_i|| <= r_i ]      (>= 0, may exceed 1)
+    coverage = 1 / N     * sum_i 1[ min_j ||Y_j - X_i|| <= r_i ]      (in [0, 1])
+
+The reference implementation tests `<`; we keep `<=` as for precision/recall. The two differ only
+when a distance equals a radius exactly (duplicated feature vectors), which continuous features
+do not produce.
 """
 from __future__ import annotations
 
@@ -70,6 +83,22 @@ def prdc(real, fake, k: int = 3, batch_size: int = 1024, dtype=torch.float64) ->
         coverage=float(torch.cat(cov).to(torch.float64).mean()),
         k=k, n_real=len(r), n_fake=len(f),
     )
+
+
+def density_coverage(real, fake, k: int = 5, batch_size: int = 1024, dtype=torch.float64) -> dict:
+    """Density and coverage (module docstring) of generated features `fake` [M, D] against real
+    features `real` [N > k, D] (any float dtype; computed in `dtype`), in one pass over batches of
+    real rows: -> dict(density, coverage, k, n_real, n_fake)."""
+    r, f = _t(real, dtype), _t(fake, dtype)
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1] or not len(f):
+        raise UserError(f"features must be [N, D] with the same D, got {tuple(r.shape)} and {tuple(f.shape)}")
+    rr = torch.as_tensor(knn_radii(r, k, batch_size, dtype))
+    count, covered = 0, 0
+    for i in range(0, len(r), batch_size):
+        inside = _cdist(r[i:i + batch_size], f) <= rr[i:i + batch_size, None]  # [batch, M]: Y_j in ball i
+        count += int(inside.sum())
+        covered += int(inside.any(1).sum())  # some Y_j in ball i <=> the nearest one is
+    return dict(density=count / (k * len(f)), coverage=covered / len(r), k=k, n_real=len(r), n_fake=len(f))
 
 
 def precision_recall(real, fake, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:

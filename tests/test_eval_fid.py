@@ -359,7 +359,7 @@ def test_build_extractor_and_metric_names(net_path):
 
     ext = F.build_extractor("digits", weights_path=net_path)
     assert ext.provenance["weights"] == str(net_path)
-    assert metric_names(ext) == {"fid": "fid_digits", "precision": "precision_digits", "recall": "recall_digits"}
+    assert metric_names(ext) == {g: f"{g}_digits" for g in ("fid", "precision", "recall", "kid", "density", "coverage")}
     assert metric_names("inception")["fid"] == "fid"
     with pytest.raises(KeyError, match="available"):
         F.get_extractor("dinov2", {})

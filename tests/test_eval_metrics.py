@@ -17,17 +17,18 @@ from eval.metrics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTED = ["fid", "precision", "recall", "fid_digits", "precision_digits", "recall_digits", "fid_clean",
-              "precision_clean", "recall_clean", "max_ssim", "class_acc", "clip_score"]
+FEATURE = ("fid", "precision", "recall", "kid", "density", "coverage")  # per extractor: generic, _digits, _clean
+DOCUMENTED = [*FEATURE, *(f"{g}_digits" for g in FEATURE), *(f"{g}_clean" for g in FEATURE),
+              "max_ssim", "class_acc", "clip_score"]
 
 
 def test_registry_lists_every_metric_once():
     assert known_metrics() == DOCUMENTED
     for name, spec in METRICS.items():
         assert spec.name == name and callable(spec.fn) and spec.needs
-        assert spec.is_feature_metric == (name.split("_")[0] in ("fid", "precision", "recall"))
-    assert metric_names("digits") == {"fid": "fid_digits", "precision": "precision_digits", "recall": "recall_digits"}
-    assert metric_names("inception") == {g: g for g in ("fid", "precision", "recall")}
+        assert spec.is_feature_metric == (name.split("_")[0] in FEATURE)
+    assert metric_names("digits") == {g: f"{g}_digits" for g in FEATURE}
+    assert metric_names("inception") == {g: g for g in FEATURE}
     assert metric_names("clean-fid")["fid"] == "fid_clean" and metric_names(None) == {}
 
 

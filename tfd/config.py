@@ -690,16 +690,18 @@ def check(cfg: Config, files: bool = False) -> Config:
 
 def _check_ref_stats_file(b: "BenchmarkCfg", w: str) -> list[str]:
     """The configured reference statistics (`eval.ref_stats`, when the file exists) against the
-    metrics asked for: readable and finite, and storing reference features when `eval.metrics`
-    has precision/recall (EDM's `imagenet-64x64.npz` holds only mu/sigma). Problems, [] if none."""
+    metrics asked for: readable and finite, and storing reference features when a metric of
+    `eval.metrics` needs them (precision/recall, KID, density/coverage: EDM's `imagenet-64x64.npz`
+    holds only mu/sigma). Problems, [] if none."""
     path = b.eval.ref_stats
     if not path or not Path(path).is_file():
         return []
     from eval.fid import check_ref_stats
-    from eval.metrics import METRICS
-    pr = [m for m in b.eval.metrics if m.startswith(("precision", "recall"))]
+    from eval.metrics import METRICS, metric_names, needs_ref_features
+    generic = metric_names(b.eval.feature_extractor)  # generic names (precision, kid, ...) -> this extractor's
+    pr = [m for m in b.eval.metrics if generic.get(m, m) in METRICS and needs_ref_features(generic.get(m, m))]
     try:
-        check_ref_stats(path, [m for m in pr if m in METRICS] or (["precision"] if pr else []))
+        check_ref_stats(path, [generic.get(m, m) for m in pr])
     except UserError as e:
         both = f" and {w}.eval.metrics ({', '.join(pr)})" if pr and "features" in str(e) else ""
         return [f"{w}.eval.ref_stats{both}: {e}"]
