@@ -31,9 +31,23 @@ Entries (config keys in brackets):
   `InceptionV3W(dir, download=False)` through a symlink named `inception-2015-12-05.pt` in a
   private folder keyed by the file's sha256 under `cleanfid_link_dir` (default: the system temp
   folder), or its own folder when the file already has that name.
+* `dinov2` [`dinov2_checkpoint`, optional `dinov2_resize` = `torch` | `pil`]: DINOv2 ViT-L/14 for
+  FD_DINOv2 with EDM2's protocol (`Dinov2Extractor`): a local transformers checkpoint folder
+  (Hugging Face `facebook/dinov2-large`), 1024-d CLS token after the final layer norm, inputs
+  bicubic-antialiased to 224x224 and ImageNet-normalised, float32. Metric `fd_dinov2`.
+* `cmmd_clip` [`cmmd_clip_checkpoint`]: CLIP ViT-L/14-336 image embeddings for CMMD with the
+  google-research `cmmd` protocol (`CmmdClipExtractor`): a local transformers checkpoint folder
+  (Hugging Face `openai/clip-vit-large-patch14-336`), 768-d L2-normalised projected image
+  embeddings of PIL-bicubic 336x336 inputs. Metric `cmmd` (`eval.embed_metrics`), which needs the
+  reference embeddings stored in the reference statistics (`features`).
+
+The checkpoint of these two is a folder, not a file: its provenance `sha256` is the sha256 of the
+`sha256sum`-style listing of `config.json` and its weights files (`hf_folder_sha256`), and the
+per-file hashes are listed under `files`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -45,7 +59,7 @@ import numpy as np
 import torch
 
 from eval.digits_net import load_digits_net, missing_net_error
-from eval.errors import UserError
+from eval.errors import BadFile, UserError, one_line
 from eval.io import file_sha256, temp_path
 from eval.sample import dequantise_edm, quantise_edm
 
@@ -404,6 +418,299 @@ class CleanFidInception(FeatureExtractor):
 
 
 # ----------------------------------------------------------------------------------------------
+# transformers checkpoints in local folders: DINOv2 (FD_DINOv2) and CLIP ViT-L/14-336 (CMMD)
+
+# files of a transformers checkpoint folder that decide the network: its config and the weights
+# `from_pretrained` reads (a hub download also holds README/preprocessor/flax/tf files: not hashed)
+HF_FOLDER_FILES = ("config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                   "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json")
+DINOV2_SOURCE = ("the DINOv2 ViT-L/14 checkpoint in transformers format: a local folder with config.json and "
+                 "model.safetensors (Hugging Face repo facebook/dinov2-large, converted from torch.hub's "
+                 "dinov2_vitl14); download it on a machine with internet access")
+CMMD_CLIP_SOURCE = ("the CLIP ViT-L/14-336 checkpoint in transformers format: a local folder with config.json and "
+                    "model.safetensors (Hugging Face repo openai/clip-vit-large-patch14-336); download it on a "
+                    "machine with internet access")
+DINOV2_RESOLUTION = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CMMD_RESOLUTION = 336
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DINOV2_POS_OFFSET = 0.1  # facebookresearch/dinov2's `interpolate_offset` (the torch.hub default)
+
+
+def _config_folder(config: Mapping | None, key: str, what: str) -> Path:
+    """The folder of config key `key` (the benchmark config's `eval.<key>`): FileNotFoundError
+    naming the key when it is unset, missing, or not a folder holding a `config.json`."""
+    value = (config or {}).get(key)
+    where = f"config key `{key}` (eval.{key})"
+    if not value:
+        raise FileNotFoundError(f"{where} is not set: it must point to {what}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where} = {str(path)!r}: folder not found. It must be {what}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{where} = {str(path)!r}: no config.json in that folder. It must be {what}")
+    return path
+
+
+def hf_folder_sha256(folder: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(sha256 of the folder, {file name: sha256}) of a transformers checkpoint folder, over
+    `config.json` and the weights files of `HF_FOLDER_FILES` present in it. The folder's sha256 is
+    that of the listing `<sha256>  <name>\\n` sorted by name (the `sha256sum` format): it changes
+    when any of those files does, and ignores the rest of the folder."""
+    import hashlib
+
+    folder = Path(folder)
+    names = sorted({p.name for pattern in HF_FOLDER_FILES for p in folder.glob(pattern) if p.is_file()})
+    files = {n: file_sha256(folder / n) for n in names}
+    listing = "".join(f"{h}  {n}\n" for n, h in files.items())
+    return hashlib.sha256(listing.encode()).hexdigest(), files
+
+
+def _load_hf_model(cls, folder: Path, key: str, model_type: str, what: str):
+    """`cls.from_pretrained(folder)` offline, in float32, in eval mode; BadFile naming the folder
+    and the config key for a folder that does not load, is not a `model_type` checkpoint, or leaves
+    weights missing (transformers would initialise those randomly, with only a log message)."""
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
+                                          output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadFile(folder, f"not a loadable transformers checkpoint (config key `{key}`)",
+                      found=one_line(e), hint=f"it must be {what}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if model.config.model_type != model_type or missing:
+        raise BadFile(folder, f"not a {model_type} checkpoint (config key `{key}`)",
+                      found=f"model_type {model.config.model_type!r}" +
+                            (f", {len(missing)} weights missing, e.g. {missing[:3]}" if missing else ""),
+                      hint=f"it must be {what}")
+    return model.eval().requires_grad_(False)
+
+
+def dinov2_hub_position_embeddings(pos: torch.Tensor, grid: int, offset: float = DINOV2_POS_OFFSET) -> torch.Tensor:
+    """DINOv2 position embeddings [1, 1 + M*M, D] (the CLS slot, then an M x M grid) -> [1, 1 +
+    grid*grid, D], resampled as facebookresearch/dinov2's `interpolate_pos_encoding` does (the
+    torch.hub model EDM2 loads): bicubic (a = -0.75, no antialias, align_corners False) with
+    `scale_factor = (grid + offset) / M`, in float32, cast back. transformers' `Dinov2Embeddings`
+    (5.x) passes `size=(grid, grid)` instead, i.e. a scale of grid / M: a slightly different
+    sampling of the same grid (up to ~0.2 source cells apart at 224 px, 37 -> 16), hence other
+    features. Returned unchanged when M == grid (the hub does not resample either)."""
+    m = int(round((pos.shape[1] - 1) ** 0.5))
+    if pos.ndim != 3 or m * m != pos.shape[1] - 1:
+        raise ValueError(f"position embeddings [1, 1+M*M, D] expected, got {tuple(pos.shape)}")
+    if m == grid:
+        return pos
+    d = pos.shape[-1]
+    s = float(grid + offset) / m
+    patch = torch.nn.functional.interpolate(pos[:, 1:].float().reshape(1, m, m, d).permute(0, 3, 1, 2),
+                                            scale_factor=(s, s), mode="bicubic", antialias=False)
+    if tuple(patch.shape[-2:]) != (grid, grid):
+        raise ValueError(f"position-embedding resampling gave {tuple(patch.shape[-2:])}, not {grid}x{grid}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos.dtype)
+    return torch.cat((pos[:, :1], patch), dim=1)
+
+
+DINOV2_RULE = {
+    "torch": ("uint8 RGB NCHW (grayscale replicated) -> float32 -> torch interpolate bicubic antialias=True to "
+              "224x224 (not rounded) -> /255 -> (x - ImageNet mean) / ImageNet std, float32 (EDM2 DINOv2Detector, "
+              "resize_mode 'torch')"),
+    "pil": ("uint8 RGB (grayscale replicated) -> PIL bicubic resize to 224x224 (uint8) -> float32 /255 -> "
+            "(x - ImageNet mean) / ImageNet std, float32 (EDM2 DINOv2Detector resize_mode 'pil' = dgm-eval)"),
+}
+CMMD_RULE = ("uint8 RGB (grayscale replicated) -> centre crop to a square -> PIL bicubic resize to {s}x{s} (uint8) "
+             "-> float32 /255 -> (x - CLIP mean) / CLIP std, float32 (google-research cmmd io_util + embedding)")
+
+
+def pil_resize_u8(u8_rgb: torch.Tensor, size: int, center_crop: bool = False) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> uint8 [B, 3, size, size] on the CPU, image by image through PIL's
+    antialiased BICUBIC `Image.resize`, optionally after a centre crop to a square (google-research
+    cmmd's `_center_crop_and_resize`: side min(w, h) at offsets ((h - side) // 2, (w - side) // 2))."""
+    from PIL import Image
+
+    out = []
+    for img in u8_rgb.permute(0, 2, 3, 1).cpu().numpy():
+        im = Image.fromarray(np.ascontiguousarray(img), "RGB")
+        if center_crop:
+            w, h = im.size
+            side = min(w, h)
+            top, left = (h - side) // 2, (w - side) // 2
+            im = im.crop((left, top, left + side, top + side))
+        out.append(np.asarray(im.resize((size, size), resample=Image.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """Inside the block, CUDA convolutions and matmuls compute in IEEE float32 (no TF32); the
+    previous settings are restored after. PyTorch lets cuDNN convolutions use TF32 by default
+    (`torch.backends.cudnn.allow_tf32`): on an H200 that moved tiny-DINOv2 features (scale 3) by
+    2e-4 from the CPU's, 1.6e-6 without it. No effect on the CPU."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """float32 [B, 3, H, W] in [0, 1] -> (x - mean) / std per channel, in float32."""
+    x = x - torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    return x / torch.tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+
+
+class Dinov2Extractor(FeatureExtractor):
+    """FD_DINOv2 features with EDM2's protocol (Karras et al. 2024, NVlabs/edm2
+    `calculate_metrics.py` `DINOv2Detector`, itself modelled on layer6ai-labs/dgm-eval).
+
+    uint8 NHWC images (1 or 3 channels, any size) -> float64 [N, 1024] (float32 network values):
+    the CLS token after DINOv2's final LayerNorm (transformers' `Dinov2Model(...).pooler_output` =
+    `layernorm(last_hidden_state)[:, 0]`, the value torch.hub's `dinov2_vitl14(x)` returns,
+    `x_norm_clstoken`) of 224x224 float32 inputs: resize mode `torch` (EDM2's default) =
+    `F.interpolate(float32(u8), (224, 224), mode='bicubic', antialias=True)`, not rounded; mode
+    `pil` = PIL BICUBIC on the uint8 image (dgm-eval's, EDM2's slow reference path); then /255 and
+    the ImageNet mean/std, in float32 (EDM2's order of operations). The network runs in IEEE
+    float32 (`ieee_float32`: no TF32, also on GPUs; EDM2's calculate_metrics.py sets no flag, so
+    on Ampere+ GPUs its patch-embedding convolution ran in PyTorch's default TF32: differences of
+    order 1e-4 relative in the features, far below FD_DINOv2's sampling noise).
+
+    The network is loaded from a LOCAL transformers folder (`facebook/dinov2-large`), and its 37x37
+    position embeddings are resampled once to the 16x16 grid of 224 px inputs with the hub's rule
+    (`dinov2_hub_position_embeddings`), not transformers' own, so that the features are those of
+    the torch.hub model EDM2 loads. Comparable with: EDM2's FD_DINOv2 (its published tables and
+    reference statistics, e.g. the `fd_dinov2` entry of `img512.pkl`), and dgm-eval's FD with
+    DINOv2 ViT-L/14 in mode `pil`. NOT comparable with torch-fidelity's `dinov2-vit-l-14`: it
+    resizes with TF1-style bilinear interpolation without antialiasing, and it cannot load a local
+    file (`feature_extractor_weights_path` raises NotImplementedError in torch-fidelity 0.4)."""
+
+    batch_size = 64
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", resize: str = "torch"):
+        """`checkpoint`: the transformers DINOv2 folder (config key `dinov2_checkpoint`);
+        `device`: where the resize (mode torch) and the network run; `resize`: `torch` or `pil`."""
+        from transformers import Dinov2Model
+
+        if resize not in DINOV2_RULE:
+            raise UserError(f"dinov2_resize must be 'torch' or 'pil', got {resize!r}")
+        self.checkpoint = Path(checkpoint)
+        model = _load_hf_model(Dinov2Model, self.checkpoint, "dinov2_checkpoint", "dinov2", DINOV2_SOURCE)
+        cfg = model.config
+        if (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size) != (1024, 24, 14):
+            warnings.warn(f"{self.checkpoint}: not DINOv2 ViT-L/14 (hidden size {cfg.hidden_size}, "
+                          f"{cfg.num_hidden_layers} layers, patch {cfg.patch_size}): FD_DINOv2 values are not "
+                          f"comparable with published ones", stacklevel=2)
+        if DINOV2_RESOLUTION % cfg.patch_size:
+            raise UserError(f"{self.checkpoint}: patch size {cfg.patch_size} does not divide {DINOV2_RESOLUTION}")
+        emb = model.embeddings
+        with torch.no_grad():
+            pos = dinov2_hub_position_embeddings(emb.position_embeddings.data, DINOV2_RESOLUTION // cfg.patch_size)
+        # a [1, 1 + 16*16, D] table: transformers then uses it as is for 224x224 inputs (no resampling)
+        emb.position_embeddings = torch.nn.Parameter(pos.contiguous(), requires_grad=False)
+        self.model = model.to(device)
+        self.device = device
+        self.resize = resize
+        self.name = "dinov2"
+        self.dim = int(cfg.hidden_size)
+        sha, files = hf_folder_sha256(self.checkpoint)
+        self.provenance = {
+            "extractor": "dinov2",
+            "implementation": "transformers Dinov2Model pooler_output; position embeddings resampled with "
+                              "facebookresearch/dinov2's rule (bicubic, scale (grid + 0.1) / M, as torch.hub)",
+            "weights": str(self.checkpoint),
+            "sha256": sha,
+            "files": files,
+            "layer": "CLS token after the final LayerNorm",
+            "dim": self.dim,
+            "resolution": f"{DINOV2_RESOLUTION}x{DINOV2_RESOLUTION}",
+            "preprocessing": DINOV2_RULE[resize],
+            "mode": resize,
+            "compute_dtype": "float32, TF32 off (ieee_float32)",
+            "protocol": "EDM2 FD_DINOv2 (NVlabs/edm2 calculate_metrics.py, DINOv2Detector)",
+        }
+
+    def net_input(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 1|3, H, W] -> the network's float32 [B, 3, 224, 224] input, on `self.device`."""
+        u8 = _rgb(u8)
+        if self.resize == "pil":
+            x = pil_resize_u8(u8, DINOV2_RESOLUTION).to(self.device).to(torch.float32)
+        else:
+            x = torch.nn.functional.interpolate(u8.to(self.device).to(torch.float32),
+                                                size=(DINOV2_RESOLUTION, DINOV2_RESOLUTION),
+                                                mode="bicubic", antialias=True)
+        return _normalise(x / 255, IMAGENET_MEAN, IMAGENET_STD)
+
+    def _features_u8(self, u8):
+        with ieee_float32():
+            return self.model(pixel_values=self.net_input(u8)).pooler_output
+
+
+class CmmdClipExtractor(FeatureExtractor):
+    """CMMD embeddings with the protocol of Jayasumana et al. 2024 (google-research/google-research
+    `cmmd/`: `io_util.py` reads, `embedding.py` embeds).
+
+    uint8 NHWC images (1 or 3 channels, any size) -> float64 [N, 768] (float32 network values):
+    CLIP ViT-L/14-336's projected image embedding (transformers `CLIPVisionModelWithProjection(...)
+    .image_embeds` = `visual_projection(post_layernorm(CLS))`, the reference's `encode_image`),
+    L2-normalised in float32 (network in IEEE float32: `ieee_float32`). Inputs: each image
+    centre-cropped to a square and resized with PIL BICUBIC (antialiased, uint8) to 336x336, as the
+    reference's image reader does, then /255 and CLIP's mean/std in float32 (the reference's
+    model-side bicubic resize to 336 is then the identity). The reference reads PNG/JPEG files; a
+    benchmark whose reference images are first resized by the suite (text benchmarks:
+    `eval.resolution`, LANCZOS) feeds those resized images here.
+
+    Loaded from a LOCAL transformers folder (`openai/clip-vit-large-patch14-336`; a full CLIPModel
+    checkpoint loads, its text tower unused). The input size is the checkpoint's `image_size` (336
+    for that model; another checkpoint warns: its CMMD is not comparable with published values)."""
+
+    batch_size = 32
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
+        """`checkpoint`: the transformers CLIP folder (config key `cmmd_clip_checkpoint`);
+        `device`: where the network runs (the PIL resize runs on the CPU)."""
+        from transformers import CLIPVisionModelWithProjection
+
+        self.checkpoint = Path(checkpoint)
+        model = _load_hf_model(CLIPVisionModelWithProjection, self.checkpoint, "cmmd_clip_checkpoint",
+                               "clip_vision_model", CMMD_CLIP_SOURCE)
+        cfg = model.config
+        self.size = int(cfg.image_size)
+        if (self.size, cfg.patch_size, cfg.hidden_size, cfg.projection_dim) != (CMMD_RESOLUTION, 14, 1024, 768):
+            warnings.warn(f"{self.checkpoint}: not CLIP ViT-L/14-336 (image size {self.size}, patch {cfg.patch_size}, "
+                          f"hidden size {cfg.hidden_size}, projection {cfg.projection_dim}): CMMD values are not "
+                          f"comparable with published ones", stacklevel=2)
+        self.model = model.to(device)
+        self.device = device
+        self.name = "cmmd_clip"
+        self.dim = int(cfg.projection_dim)
+        sha, files = hf_folder_sha256(self.checkpoint)
+        self.provenance = {
+            "extractor": "cmmd_clip",
+            "implementation": "transformers CLIPVisionModelWithProjection image_embeds",
+            "weights": str(self.checkpoint),
+            "sha256": sha,
+            "files": files,
+            "layer": "projected image embedding (image_embeds), L2-normalised",
+            "dim": self.dim,
+            "resolution": f"{self.size}x{self.size}",
+            "preprocessing": CMMD_RULE.format(s=self.size),
+            "compute_dtype": "float32, TF32 off (ieee_float32)",
+            "protocol": "CMMD (google-research cmmd): CLIP ViT-L/14-336 embeddings, Gaussian RBF MMD, sigma 10, x1000",
+        }
+
+    def net_input(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 1|3, H, W] -> the network's float32 [B, 3, S, S] input, on `self.device`."""
+        x = pil_resize_u8(_rgb(u8), self.size, center_crop=True).to(self.device).to(torch.float32)
+        return _normalise(x / 255, CLIP_MEAN, CLIP_STD)
+
+    def _features_u8(self, u8):
+        with ieee_float32():
+            e = self.model(pixel_values=self.net_input(u8)).image_embeds
+        return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 
 
@@ -436,10 +743,23 @@ def _build_cleanfid(config):
                              device=(config or {}).get("device", "cpu"))
 
 
+def _build_dinov2(config):
+    path = _config_folder(config, "dinov2_checkpoint", DINOV2_SOURCE)
+    return Dinov2Extractor(path, device=(config or {}).get("device", "cpu"),
+                           resize=(config or {}).get("dinov2_resize") or "torch")
+
+
+def _build_cmmd_clip(config):
+    path = _config_folder(config, "cmmd_clip_checkpoint", CMMD_CLIP_SOURCE)
+    return CmmdClipExtractor(path, device=(config or {}).get("device", "cpu"))
+
+
 EXTRACTORS: dict[str, Callable[[Mapping | None], FeatureExtractor]] = {
     "digits": _build_digits,
     "inception": _build_inception,
     "clean-fid": _build_cleanfid,
+    "dinov2": _build_dinov2,
+    "cmmd_clip": _build_cmmd_clip,
 }
 
 
@@ -457,13 +777,15 @@ def get_extractor(name: str, config: Mapping | None = None) -> FeatureExtractor:
 
 
 WEIGHTS_KEY = {"digits": "digits_weights_path", "inception": "feature_extractor_weights_path",
-               "clean-fid": "cleanfid_weights_path"}
+               "clean-fid": "cleanfid_weights_path", "dinov2": "dinov2_checkpoint",
+               "cmmd_clip": "cmmd_clip_checkpoint"}
 
 
 def build_extractor(name: str, weights_path: str | os.PathLike | None = None, config: Mapping | None = None,
                     **options) -> FeatureExtractor:
     """`get_extractor` with the weights file given directly: `weights_path` goes to the config key of
-    that extractor (`digits_weights_path`, `feature_extractor_weights_path`, `cleanfid_weights_path`);
+    that extractor (`digits_weights_path`, `feature_extractor_weights_path`, `cleanfid_weights_path`,
+    or the checkpoint folder `dinov2_checkpoint` / `cmmd_clip_checkpoint`);
     `options` are further config keys (e.g. `device="cuda"`, `cleanfid_mode`)."""
     cfg = dict(config or {})
     cfg.update(options)

@@ -13,6 +13,8 @@ written per name (`eval.score.score_samples`), so the names are also file names 
 | `kid_digits` / `density_digits` / `coverage_digits` | features + ref_features / dc | `digits`                      |
 | `fid_clean` / `precision_clean` / `recall_clean`    | features + ref (+ pr)        | `clean-fid` mode `clean`      |
 | `kid_clean` / `density_clean` / `coverage_clean`    | features + ref_features / dc | `clean-fid` mode `clean`      |
+| `fd_dinov2` (EDM2's FD_DINOv2)                   | features + ref            | `dinov2` (local folder)       |
+| `cmmd` (CMMD, RBF sigma 10, x1000)               | features + ref features   | `cmmd_clip` (local folder)    |
 | `max_ssim`                                          | images, labels               | -                             |
 | `class_acc`                                         | classifier, images, labels   | digits classifier             |
 | `clip_score`                                        | clip, images, captions       | -                             |
@@ -41,6 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from eval.embed_metrics import cmmd
 from eval.errors import UserError
 
 PR_K = 3  # improved precision/recall: k of the k-NN balls, ADM's evaluator (Kynkaanniemi et al. use 3 too)
@@ -61,6 +64,7 @@ INPUTS = {
                     "UserError when the file holds only mu/sigma",
     "pr": "eval.prdc.prdc(reference features, sample features, k=PR_K)",
     "dc": "eval.prdc.density_coverage(reference features, sample features, k=DC_K)",
+    "bootstrap": "int: resamples of the sample images for FID's interval (`eval.bootstrap`; 0: none)",
     "classifier": "(eval.features.DigitsExtractor, provenance dict) of the digits classifier",
     "clip": "eval.clip_score.ClipScorer",
 }
@@ -70,14 +74,40 @@ INPUTS = {
 # the metric functions: (inputs) -> (value, details for the metric file's provenance)
 
 
-def fid(features: np.ndarray, ref: Mapping) -> tuple[float, dict]:
+def fid(features: np.ndarray, ref: Mapping, bootstrap: int = 0) -> tuple[float, dict]:
     """Frechet distance between the Gaussian of `features` (float64 [N, D], N >= 2) and the
-    reference `mu` [D] / `sigma` [D, D], in float64 (`eval.fid.frechet_distance`)."""
+    reference `mu` [D] / `sigma` [D, D], in float64 (`eval.fid.frechet_distance`). `bootstrap` > 0:
+    also the sample-set part of its uncertainty, the 95% percentile interval of the FID over that
+    many resamples of the sample images (`fid_bootstrap`), in the details as `ci95` [lo, hi]."""
     from eval.fid import feature_stats, frechet_distance
 
     mu, sigma = feature_stats(features)
-    return (frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-            {"formula": "Frechet distance, float64, scipy.linalg.sqrtm"})
+    details = {"formula": "Frechet distance, float64, scipy.linalg.sqrtm"}
+    if bootstrap:
+        details.update(fid_bootstrap(features, ref, bootstrap))
+    return frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), details
+
+
+BOOTSTRAP_SEED = 0
+
+
+def fid_bootstrap(features: np.ndarray, ref: Mapping, resamples: int, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The sample-set uncertainty of a FID (Efron's percentile bootstrap): the FID of `resamples`
+    sets of N rows of `features` (float [N, D]) drawn with replacement (numpy `default_rng(seed)`),
+    against the fixed reference statistics; -> {"ci95": [2.5th, 97.5th percentile], "bootstrap":
+    {"resamples", "seed", "method"}}. It says how much the number would move with another set of
+    N sample images from the same generator, not with another training seed."""
+    from eval.fid import feature_stats, frechet_distance
+
+    f = np.asarray(features, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(resamples)):
+        mu, sigma = feature_stats(f[rng.integers(0, len(f), len(f))])
+        values.append(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return {"ci95": [float(lo), float(hi)],
+            "bootstrap": {"resamples": int(resamples), "seed": seed, "method": "percentile, sample images resampled"}}
 
 
 _PR_DEFINITION = "improved precision/recall (Kynkaanniemi et al. 2019), ADM evaluator convention"
@@ -184,7 +214,7 @@ class MetricSpec:
 
 
 def _feature_specs(suffix: str, extractors: tuple[str, ...]) -> dict[str, MetricSpec]:
-    return {f"fid{suffix}": MetricSpec(f"fid{suffix}", fid, ("features", "ref"), extractors),
+    return {f"fid{suffix}": MetricSpec(f"fid{suffix}", fid, ("features", "ref", "bootstrap"), extractors),
             f"precision{suffix}": MetricSpec(f"precision{suffix}", precision, ("pr",), extractors),
             f"recall{suffix}": MetricSpec(f"recall{suffix}", recall, ("pr",), extractors),
             f"kid{suffix}": MetricSpec(f"kid{suffix}", kid, ("features", "ref_features"), extractors),
@@ -200,6 +230,9 @@ METRICS: dict[str, MetricSpec] = {
     "max_ssim": MetricSpec("max_ssim", max_ssim, ("images", "labels")),
     "class_acc": MetricSpec("class_acc", class_acc, ("classifier", "images", "labels")),
     "clip_score": MetricSpec("clip_score", clip_score, ("clip", "images", "captions")),
+    # cluster metrics (eval.embed_metrics): EDM2's FD_DINOv2, and CMMD on the stored reference embeddings
+    "fd_dinov2": MetricSpec("fd_dinov2", fid, ("features", "ref"), ("dinov2",)),
+    "cmmd": MetricSpec("cmmd", cmmd, ("features", "ref_features"), ("cmmd_clip",)),
 }
 
 
@@ -365,6 +398,9 @@ class MetricInputs:
         from eval.prdc import prdc
 
         return prdc(self["ref_features"], self["features"], k=PR_K)
+
+    def _make_bootstrap(self) -> int:
+        return int((self.config or {}).get("bootstrap", 0) or 0)
 
     def _make_dc(self) -> dict:
         from eval.prdc import density_coverage

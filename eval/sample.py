@@ -176,7 +176,10 @@ def read_samples(path: str | os.PathLike, spec: SampleSpec | None = None, *, nee
     or 3 channels (NCHW is recognised and named), `spec.channels` / `spec.resolution`; `arr_1` a
     flat integer vector of one id per image (in `0 .. spec.num_conditions - 1`); `seeds` present
     (`need_seeds`), one per image, each once; with `spec.num_samples`/`spec.base_seed` the complete
-    protocol set (`check_complete`). FileNotFoundError when the file is missing."""
+    protocol set (`check_complete`), and with `spec.num_conditions` too, for a file `tfd sample` wrote
+    (it has `source`), the protocol's condition of every image (class `(seed - base_seed) %
+    num_conditions`; other files may label their images freely, in range). FileNotFoundError when
+    the file is missing."""
     path = Path(path)
     spec = spec or SampleSpec()
     z = read_npz(path, "sample file")
@@ -187,6 +190,7 @@ def read_samples(path: str | os.PathLike, spec: SampleSpec | None = None, *, nee
     out = {k: z[k] for k in ("arr_0", "arr_1", "seeds") if k in keys}
     out["quantisation"] = str(z["quantisation"]) if "quantisation" in keys else QUANTISATION
     out["conditions_sha256"] = str(z["conditions_sha256"]) if "conditions_sha256" in keys else None
+    out["source"] = str(z["source"]) if "source" in keys else None  # run and weights (tfd sample)
     images = out["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         nchw = images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3)
@@ -231,6 +235,15 @@ def read_samples(path: str | os.PathLike, spec: SampleSpec | None = None, *, nee
                           found=f"{n - len(np.unique(seeds))} duplicates")
         if spec.num_samples is not None:
             check_complete(seeds, spec.num_samples, spec.base_seed or 0, path)
+        if (spec.num_conditions is not None and spec.base_seed is not None and labels is not None and n
+                and out["source"] is not None):  # a file of `tfd sample`: image i has class i % C (the protocol)
+            want = (seeds - spec.base_seed) % spec.num_conditions
+            bad = np.flatnonzero(labels != want)
+            if len(bad):
+                raise BadFile(path, "condition ids are not the protocol's", key="arr_1",
+                              expected=f"class (seed - {spec.base_seed}) % {spec.num_conditions} for every image",
+                              found=f"{len(bad)} of {n} differ (first: seed {int(seeds[bad[0]])} has "
+                                    f"{int(labels[bad[0]])}, expected {int(want[bad[0]])})")
     return out
 
 
@@ -245,9 +258,15 @@ def merge_npz(parts: list[str | Path], out: str | Path, spec: SampleSpec | None 
     order = np.argsort(seeds, kind="stable")
     seeds = seeds[order]
     if len(seeds) and not np.array_equal(seeds, np.arange(seeds[0], seeds[0] + len(seeds))):
-        raise UserError(f"shards {list(map(str, parts))} do not form one contiguous seed range")
+        dup = len(seeds) - len(np.unique(seeds))
+        gap = int(seeds[-1] - seeds[0] + 1) - len(np.unique(seeds))
+        what = "; ".join(x for x in (f"{dup} seeds in two shards (overlap)" if dup else "",
+                                     f"{gap} seeds missing between {int(seeds[0])} and {int(seeds[-1])}" if gap
+                                     else "") if x)
+        per = ", ".join(f"{p}: {_seed_range(d['seeds'])}" for p, d in zip(parts, loaded))
+        raise UserError(f"shards do not form one contiguous seed range ({what}): {per}")
     if spec.num_samples is not None:
-        check_complete(seeds, spec.num_samples, spec.base_seed or 0, out)
+        check_complete(seeds, spec.num_samples, spec.base_seed or 0, f"shards {', '.join(map(str, parts))}")
     if len({d["arr_0"].shape[1:] for d in loaded}) > 1:
         raise UserError(f"shards {list(map(str, parts))} hold images of different shapes "
                         f"{sorted({d['arr_0'].shape[1:] for d in loaded})}")
@@ -258,6 +277,12 @@ def merge_npz(parts: list[str | Path], out: str | Path, spec: SampleSpec | None 
     if labels[0] is not None:
         merged["arr_1"] = np.concatenate(labels)[order]
     merged["seeds"] = seeds
+    sources = {d["source"] for d in loaded}
+    if len(sources) > 1:
+        raise UserError(f"shards {list(map(str, parts))} were sampled from different runs or weights "
+                        f"({'; '.join(sorted(map(str, sources)))})")
+    if sources != {None}:
+        merged["source"] = np.array(sources.pop())
     hashes = {d["conditions_sha256"] for d in loaded}
     if len(hashes) > 1:
         raise UserError(f"shards {list(map(str, parts))} were sampled with different condition lists "

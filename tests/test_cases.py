@@ -260,11 +260,12 @@ def test_case9_disk_full_while_checkpointing(setup, tmp_path):
 # ---------------------------------------------------------------------------------------------- 10
 
 
-def test_case10_few_samples_warned_in_log_and_metric_file(setup, tmp_path):
+def test_case10_few_samples_warned_in_log_and_metric_file(setup, tmp_path, capfd):
     with np.load(CASES / "labels_flat.npz") as z:
         np.savez(tmp_path / "s20.npz", **{k: z[k][:20] for k in z.files})
-    with pytest.warns(UserWarning, match="20 samples < 64 feature dimensions"):
-        assert score(setup, tmp_path / "s20.npz", tmp_path / "m", "--num", "20", "--metrics", "fid_digits")[0] == 0
+    assert score(setup, tmp_path / "s20.npz", tmp_path / "m", "--num", "20", "--metrics", "fid_digits")[0] == 0
+    err = capfd.readouterr().err  # the log: one line, no Python source line
+    assert "tfd score: warning: 20 samples < 64 feature dimensions" in err and "score_samples(" not in err
     rec = json.loads((tmp_path / "m" / "fid_digits.json").read_text())
     assert "20 samples < 64 feature dimensions" in rec["warning"]
 
@@ -313,3 +314,95 @@ def _with_fn(parser, cmd, fn):
     sub = next(a for a in parser._actions if a.dest == "cmd")
     sub.choices[cmd].set_defaults(fn=fn)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- a new user's findings
+
+
+def test_a_checkpoint_of_another_teacher_is_not_resumed(setup, tmp_path, capfd):
+    """Retraining the teacher (a config edit) reruns distill: its checkpoint was made with the old
+    teacher, so it is set aside (`.stale`) and the run starts again, not resumed into the old generator."""
+    import torch
+
+    from tfd.networks.convert import load_edm_safetensors, save_edm_safetensors
+    d = setup
+    run = tmp_path / "run"
+    shutil.copytree(d / "run", run)
+    old_gen = (run / "generator.safetensors").read_bytes()
+    net = load_edm_safetensors(d / "teacher.safetensors")
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    save_edm_safetensors(net, tmp_path / "teacher2.safetensors")
+    assert _distill(d, run, "--steps", "10", cfg=d / "cfg.yaml")[0] == 0  # same teacher: resumed, nothing to do
+    assert (run / "generator.safetensors").read_bytes() == old_gen
+    out = tfd("distill", "--config", d / "cfg.yaml", "--no-progress", "--run", "tfd", "--teacher",
+              tmp_path / "teacher2.safetensors", "--out-dir", run, "--steps", "10")
+    assert out == (0, "")
+    assert "other input files (teacher)" in capfd.readouterr().err
+    assert list((run / "ckpt").glob("*.stale")) and (run / "generator.safetensors").read_bytes() != old_gen
+
+
+def test_table_refuses_metric_files_of_another_run_or_reference(setup, tmp_path):
+    from eval.io import seal_record
+    d = setup
+    res = tmp_path / "results"
+    runs = {"tfd": res / "digits" / "tfd" / "tfd", "onestep_init": res / "digits" / "onestep" / "onestep_init"}
+    for name, rd in runs.items():
+        gen = ["--generator", d / "run" / "generator.safetensors"] if name == "tfd" else []
+        assert tfd("sample", "--config", d / "cfg.yaml", "--no-progress", "--run", name, "--teacher",
+                   d / "teacher.safetensors", *gen, "--out", rd / "samples.npz")[0] == 0
+        assert score(d, rd / "samples.npz", rd / "metrics")[0] == 0
+    table = ("table", "--config", d / "cfg.yaml", "--no-progress", "--results-dir", res, "--out", tmp_path / "t.csv")
+    assert tfd(*table)[0] == 0
+    saved = {f.name: f.read_text() for f in (runs["tfd"] / "metrics").iterdir()}
+    for f in (runs["onestep_init"] / "metrics").iterdir():  # another run's metric files copied over
+        shutil.copy(f, runs["tfd"] / "metrics" / f.name)
+    one_line_error("table", tfd(*table), "computed on other samples than its run's", "tfd/tfd/samples.npz")
+    for name, text in saved.items():
+        (runs["tfd"] / "metrics" / name).write_text(text)
+    f = runs["tfd"] / "metrics" / "fid_digits.json"  # as if scored against another reference
+    rec = json.loads(f.read_text())
+    rec["provenance"]["ref_stats_sha256"] = "0" * 64
+    f.write_text(json.dumps(seal_record(rec)))
+    one_line_error("table", tfd(*table), "scored against other reference statistics", "fid_digits.json")
+
+
+def test_samples_of_two_runs_or_off_protocol_labels_refused(setup, tmp_path):
+    d = setup
+    common = ("--config", d / "cfg.yaml", "--no-progress", "--teacher", d / "teacher.safetensors")
+    assert tfd("sample", *common, "--run", "tfd", "--generator", d / "run" / "generator.safetensors",
+               "--shard", "0/2", "--out", tmp_path / "a0.npz")[0] == 0
+    assert tfd("sample", *common, "--run", "onestep_init", "--shard", "1/2", "--out", tmp_path / "b1.npz")[0] == 0
+    one_line_error("merge-samples", tfd("merge-samples", "--config", d / "cfg.yaml", "--out", tmp_path / "m.npz",
+                                        tmp_path / "a0.npz", tmp_path / "b1.npz"), "different runs or weights")
+    assert not (tmp_path / "m.npz").exists()
+    assert tfd("sample", *common, "--run", "onestep_init", "--out", tmp_path / "s.npz")[0] == 0
+    with np.load(tmp_path / "s.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["arr_1"] = (arrays["arr_1"] + 1) % 10  # labels shifted: not the protocol's i % C
+    np.savez(tmp_path / "shifted.npz", **arrays)
+    one_line_error("score", score(d, tmp_path / "shifted.npz", tmp_path / "m"), "shifted.npz", "arr_1",
+                   "not the protocol's")
+
+
+def test_bad_output_and_config_paths_are_named_before_work(setup, tmp_path):
+    (tmp_path / "folder").mkdir()
+    one_line_error("train-teacher", tfd("train-teacher", "--config", setup / "cfg.yaml", "--no-progress", "--out",
+                                        tmp_path / "folder"), "--out names a folder")
+    one_line_error("check-config", tfd("check-config", "--config", tmp_path / "folder"), "is a folder")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    one_line_error("check-config", tfd("check-config", "--config", tmp_path / "empty.yaml"), "empty.yaml",
+                   "the file is empty")
+
+
+def test_ctrl_c_is_one_line_with_status_130(monkeypatch, capsys):
+    from tfd import cli as tfd_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = tfd_cli.build_parser
+    monkeypatch.setattr(tfd_cli, "build_parser", lambda: _with_fn(parser(), "check-config", interrupted))
+    assert tfd("check-config", "--config", ROOT / "config.yaml") == (130, "")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tfd check-config: interrupted")

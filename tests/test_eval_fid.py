@@ -362,4 +362,4 @@ def test_build_extractor_and_metric_names(net_path):
     assert metric_names(ext) == {g: f"{g}_digits" for g in ("fid", "precision", "recall", "kid", "density", "coverage")}
     assert metric_names("inception")["fid"] == "fid"
     with pytest.raises(KeyError, match="available"):
-        F.get_extractor("dinov2", {})
+        F.get_extractor("vgg16", {})

@@ -109,3 +109,43 @@ def test_tiny_dag_trains_replicas_not_the_base(run_snakemake, tmp_path):
     jobs = re.findall(r"rule distill:\n(?:.*\n)*?    wildcards: bench=digits, method=(\w+), run=([^\s,]+)", out)
     runs = {run for _, run in jobs}
     assert {"dmd2@s0", "dmd2@s1"} <= runs and "dmd2" not in runs, runs
+
+
+def test_fid_bootstrap_equals_an_independent_resampling():
+    """The sample-set interval: the same resamples (numpy default_rng(0)) scored by an independent
+    Frechet computation (np.cov + scipy.linalg.sqrtm written out) give the same percentiles."""
+    import scipy.linalg
+
+    from eval.metrics import fid, fid_bootstrap
+    rng = np.random.default_rng(5)
+    ref_f = rng.normal(size=(400, 6))
+    feats = rng.normal(0.3, 1.1, size=(300, 6))
+    ref = {"mu": ref_f.mean(0), "sigma": np.cov(ref_f, rowvar=False)}
+    got = fid_bootstrap(feats, ref, 30, seed=0)
+
+    def frechet(f):
+        mu, s = f.mean(0), np.cov(f, rowvar=False)
+        covmean = scipy.linalg.sqrtm(s @ ref["sigma"]).real
+        return float(((mu - ref["mu"]) ** 2).sum() + np.trace(s + ref["sigma"] - 2 * covmean))
+
+    r = np.random.default_rng(0)
+    want = np.percentile([frechet(feats[r.integers(0, 300, 300)]) for _ in range(30)], [2.5, 97.5])
+    assert got["ci95"] == pytest.approx(list(want), rel=1e-8)
+    value, details = fid(feats, ref, bootstrap=30)
+    assert details["ci95"] == got["ci95"] and details["ci95"][0] < value < details["ci95"][1]
+    assert "ci95" not in fid(feats, ref)[1]  # the convergence record's FID: no bootstrap
+
+
+def test_single_seed_rows_show_the_bootstrap_interval(tmp_path):
+    cfg = _cfg(table1=["tfd"], ablations={})
+    b = cfg.bench()
+    d = tmp_path / "digits" / "tfd" / "tfd" / "metrics"
+    for m in b.eval.metrics:
+        _metric(d, m, 7.0, b.eval.num_samples)
+    rec = json.loads((d / "fid_digits.json").read_text())
+    rec["provenance"] = {"ci95": [6.0, 9.0]}
+    (d / "fid_digits.json").write_text(json.dumps(rec))
+    df = write_table(cfg, tmp_path, tmp_path / "t.csv").set_index("run")
+    assert df.loc["tfd", "fid_digits_ci95"] == 1.5 and df.loc["tfd", "ci95_over"] == "sample images (bootstrap)"
+    assert "percentile-bootstrap" in (tmp_path / "t.md").read_text()
+    assert not (tmp_path / "t_replicas.csv").exists()

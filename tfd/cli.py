@@ -72,11 +72,11 @@ def _extractor(args, b):
     or `eval.feature_extractor_weights_path`, on `--device` (default: `default_device()`)."""
     from eval.features import build_extractor
     from tfd.config import ConfigError
-    weights = args.feature_weights or b.eval.feature_extractor_weights_path
+    weights = args.feature_weights or b.eval.extractor_weights
     if weights is None:
         built = " (the workflow builds it: rule digits_feature_net)" if b.eval.feature_extractor == "digits" else ""
         raise ConfigError(f"the {b.eval.feature_extractor!r} feature extractor needs its weights: pass "
-                          f"--feature-weights PATH or set eval.feature_extractor_weights_path{built}")
+                          f"--feature-weights PATH or set eval.{b.eval.weights_key}{built}")
     return build_extractor(b.eval.feature_extractor, weights_path=weights, device=args.device or default_device(),
                            digits_input_size=b.resolution)  # digits: 8x8, or 32x32 digits-text averaged to 8x8
 
@@ -318,12 +318,23 @@ def cmd_distill(args):
         from tfd.convergence import convergence_eval_fn
         eval_fn = convergence_eval_fn(b, args.feature_weights, args.ref_stats, type(method), method.params,
                                       device=device, prompts=_prompts(args, b))
-    info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn,
-                   progress=not args.no_progress).fit(resume=not args.no_resume)
+    from tfd.utils import path_sha256
+    inputs = {k: path_sha256(v) for k, v in (("teacher", args.teacher), ("positives", args.positives),
+                                              ("train_prompts", args.train_prompts))
+              if v}
+    if eval_fn is not None:  # the convergence record's inputs shape convergence.jsonl
+        inputs.update({k: path_sha256(v) for k, v in (("ref_stats", args.ref_stats), ("prompts", args.prompts),
+                                                      ("feature_weights", args.feature_weights)) if v})
+    info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn, progress=not args.no_progress,
+                   inputs=inputs).fit(resume=not args.no_resume)
     dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
 
 
 def cmd_sample(args):
+    from pathlib import Path
+
+    import numpy as np
+
     from eval.sample import generate, parse_shard, save_npz
     from tfd.runs import build_sampler, conditions
     cfg, b = _cfg(args)
@@ -336,6 +347,9 @@ def cmd_sample(args):
     arrays = generate(sampler, n, conditions(b, prompts), base_seed=b.eval.base_seed,
                       batch_size=args.batch_size or b.eval.batch_size, shard=shard, device=device,
                       progress=not args.no_progress)
+    from tfd.utils import path_sha256
+    made_by = args.generator or args.teacher  # what the images come from: a merge refuses shards of two
+    arrays["source"] = np.array(f"{cfg.benchmark}/{args.run} {Path(made_by).name} sha256:{path_sha256(made_by)[:16]}")
     save_npz(args.out, arrays)
     print(f"{len(arrays['arr_0'])} samples ({args.run}, shard {shard[0]}/{shard[1]}) "
           f"in {time.time() - t0:.1f} s -> {args.out}")
@@ -354,7 +368,7 @@ def cmd_score(args):
     from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
-    clip = {"clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
+    clip = {"bootstrap": b.eval.bootstrap, "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
             "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
             "clip_model_config": args.clip_model_config or b.eval.clip_model_config}
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
@@ -558,16 +572,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose `--out` is a folder (a diffusers save_pretrained folder); every other `--out` is a file
+FOLDER_OUTPUTS = ("train-vae", "train-t2i-teacher")
+
+
 def _check_outputs_writable(args) -> None:
     """Before any work: the folder of every output a command names (`--out`, `--out-dir`) can be
     written (`eval.io.ensure_writable_dir`), so a long job does not fail at its last step."""
     from pathlib import Path
 
+    from eval.errors import BadFile
     from eval.io import ensure_writable_dir
-    for attr, is_dir in (("out", False), ("out_dir", True)):
+    for attr, is_dir in (("out", args.cmd in FOLDER_OUTPUTS), ("out_dir", True)):
         value = getattr(args, attr, None)
         if not value or str(value).startswith(("/dev/", "/proc/self/fd/")):
             continue
+        flag = f"--{attr.replace('_', '-')}"
+        if not is_dir and Path(value).is_dir():
+            raise BadFile(value, f"{flag} names a folder", expected="a file path (the folder it goes in is created)")
+        if is_dir and Path(value).exists() and not Path(value).is_dir():
+            raise BadFile(value, f"{flag} names a file", expected="a folder (created when missing)")
         folder = Path(value) if is_dir else Path(value).parent
         ensure_writable_dir(folder, f"output folder of --{attr.replace('_', '-')}")
 
@@ -577,14 +601,29 @@ def main(argv=None):
     line `tfd <cmd>: error: ...` and exit status 1, unless `--debug`; any other error is a bug and
     keeps its traceback."""
     args = build_parser().parse_args(argv)
+    import warnings
+
     from eval.errors import is_user_error, one_line
+    shown = warnings.showwarning
+    if not args.debug:  # a warning is one line too, `tfd <cmd>: warning: ...` (--debug: Python's own form)
+        def one_line_warning(message, category, filename, lineno, file=None, line=None):
+            print(f"tfd {args.cmd}: warning: {one_line(Exception(str(message)))}", file=sys.stderr)
+        warnings.showwarning = one_line_warning
     try:
         _check_outputs_writable(args)
         args.fn(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"tfd {args.cmd}: interrupted; outputs are written atomically, so rerun the same command "
+              "(distill resumes from its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if args.debug or not is_user_error(e):
             raise
         sys.exit(f"tfd {args.cmd}: error: {one_line(e)}")
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

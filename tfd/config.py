@@ -235,13 +235,15 @@ class EvalCfg:
     base_seed: int = 0
     batch_size: int = 250
     shards: int = 1
-    feature_extractor: typing.Literal["digits", "inception", "clean-fid"] = "digits"   # the FID feature network
+    feature_extractor: typing.Literal["digits", "inception", "clean-fid", "dinov2",
+                                      "cmmd_clip"] = "digits"   # the FID feature network (eval.features)
     metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim",
                                                         "class_acc"])   # names from eval.metrics.METRICS
     ref_stats: Optional[str] = None                      # None: computed by the DAG from the data
     feature_extractor_weights_path: Optional[str] = None  # its weights (inception: torch-fidelity's file)
     fid_thresholds: list[float] = field(default_factory=list)  # table: iterations to reach each FID (Fig. 2)
     convergence_samples: int = 500                       # samples per point of a convergence record (train.eval_every)
+    bootstrap: int = 100                                 # FID's interval over the sample images: resamples (0: none)
     # text-to-image (DMD2's COCO protocol): generated and real images centre-cropped and LANCZOS-resized
     # to `resolution` before FID (None: as generated); CLIP score with open_clip from a local checkpoint
     resolution: Optional[int] = None
@@ -250,6 +252,22 @@ class EvalCfg:
     clip_model_config: Optional[str] = None              # open_clip model-config JSON of a custom architecture
     clip_resize: int = 256
     clip_train: ClipTrainCfg = field(default_factory=ClipTrainCfg)   # embedded benchmark: its tiny CLIP
+    # cluster metrics (not on the digits benchmarks): local transformers checkpoint folders
+    dinov2_checkpoint: Optional[str] = None     # extractor dinov2 -> fd_dinov2 (facebook/dinov2-large)
+    cmmd_clip_checkpoint: Optional[str] = None  # extractor cmmd_clip -> cmmd (openai/clip-vit-large-patch14-336)
+
+    # the config key holding each extractor's weights (the others: feature_extractor_weights_path)
+    WEIGHTS_KEYS: typing.ClassVar[dict[str, str]] = {"dinov2": "dinov2_checkpoint", "cmmd_clip": "cmmd_clip_checkpoint"}
+
+    @property
+    def weights_key(self) -> str:
+        """The `eval.*` key naming the configured feature extractor's weights (a file or a folder)."""
+        return self.WEIGHTS_KEYS.get(self.feature_extractor, "feature_extractor_weights_path")
+
+    @property
+    def extractor_weights(self) -> Optional[str]:
+        """The configured feature extractor's weights path (`weights_key`), None when not set."""
+        return getattr(self, self.weights_key)
 
 
 @dataclass
@@ -534,6 +552,8 @@ def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[s
                     f"{w}.positives.paired_captions_json": b.positives.paired_captions_json,
                     f"{w}.positives.paired_images_dir": b.positives.paired_images_dir,
                     f"{w}.eval.feature_extractor_weights_path": b.eval.feature_extractor_weights_path,
+                    f"{w}.eval.dinov2_checkpoint": b.eval.dinov2_checkpoint,
+                    f"{w}.eval.cmmd_clip_checkpoint": b.eval.cmmd_clip_checkpoint,
                     f"{w}.eval.clip_checkpoint": b.eval.clip_checkpoint,
                     f"{w}.eval.clip_model_config": b.eval.clip_model_config})
         for r, run in b.runs.items():
@@ -590,6 +610,11 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
                 else "clean-fid's inception-2015-12-05.pt")
         need("eval.feature_extractor_weights_path", b.eval.feature_extractor_weights_path,
              f"for feature_extractor {b.eval.feature_extractor!r} ({file})")
+    if b.eval.feature_extractor in EvalCfg.WEIGHTS_KEYS:
+        need(f"eval.{b.eval.weights_key}", b.eval.extractor_weights,
+             f"for feature_extractor {b.eval.feature_extractor!r} (a local transformers folder: "
+             + ("facebook/dinov2-large)" if b.eval.feature_extractor == "dinov2" else
+                "openai/clip-vit-large-patch14-336)"))
     if "clip_score" in b.eval.metrics:
         if not text:
             problems.append(f"{w}.eval.metrics: clip_score needs captions (a text benchmark)")
@@ -724,7 +749,8 @@ def read_yaml(p: str | Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a UTF-8 text file ({e})") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{p}: the file is empty (or only comments); a config needs at least `benchmark:` and "
+                          "`benchmarks:` (see config.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys (benchmark:, benchmarks:, ...), "
                           f"found a {type(data).__name__}")
@@ -738,6 +764,8 @@ def load_config(path: str | Path | list = "config.yaml", overrides: Optional[dic
     data: dict = {}
     for p in ([path] if isinstance(path, (str, Path)) else list(path)):
         p = Path(p)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; --config takes a YAML file (e.g. config.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         data = deep_update(data, read_yaml(p))

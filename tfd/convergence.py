@@ -36,7 +36,7 @@ def convergence_eval_fn(b, feature_weights_path: str | os.PathLike | None, ref_s
     from tfd.runs import conditions
 
     ext = build_extractor(b.eval.feature_extractor,
-                          weights_path=feature_weights_path or b.eval.feature_extractor_weights_path,
+                          weights_path=feature_weights_path or b.eval.extractor_weights,
                           device=device if device is not None else "cpu",
                           digits_input_size=b.resolution)  # digits-text: 32x32 area-averaged to 8x8
     ref = check_ref_stats(ref_stats_path, [], dim=getattr(ext, "dim", None))

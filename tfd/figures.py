@@ -173,6 +173,9 @@ def plot_convergence(conv_csv, out_stem, thresholds=(), x: str = "step", title: 
     FID column (see `fid_column`). Log y; a dashed line per threshold and, per run, a marker at the
     first step with FID <= threshold. Returns {run: {threshold: first step or None}}."""
     df = _read_csv(conv_csv)
+    if df.empty:
+        raise UserError(f"{conv_csv}: no convergence records: no run of the table keeps one (set train.eval_every "
+                        "> 0 on a run to record its FID while it trains)")
     fid = fid_column(df.columns)
     _need_columns(df, ["run", "step", x], conv_csv)
     plt = _plt()

@@ -41,6 +41,34 @@ def check_protocol(rec: dict, path: Path, b, ref_stats_sha256: str | None = None
                       key="provenance.ref_stats_sha256", expected=ref_stats_sha256[:16], found=theirs[:16])
 
 
+def check_samples_of_run(rec: dict, path: Path, samples: Path) -> None:
+    """Refuse a metric record that was computed on other samples than its run's own `samples.npz`
+    (when the run has it): a metric file copied from another run. BadFile naming both files."""
+    theirs = (rec.get("provenance") or {}).get("samples_sha256")
+    if theirs and samples.is_file() and file_sha256(samples) != theirs:
+        raise BadFile(path, "computed on other samples than its run's", key="provenance.samples_sha256",
+                      expected=f"{file_sha256(samples)[:16]} ({samples})", found=theirs[:16],
+                      hint="a metric file of another run? rescore this run")
+
+
+def reference_sha256s(cfg: Config, results_dir, rows: list[str]) -> dict[str, list[str]]:
+    """{reference statistics sha256: [metric files]} over every feature-metric file of `rows` (and
+    their replicas): more than one key means the rows were scored against different references."""
+    b = cfg.bench()
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        for rname in b.row_runs(row):
+            run = b.runs[rname]
+            d = run_dir(results_dir, cfg.benchmark, run.method, rname) / "metrics"
+            for metric in b.eval.metrics:
+                f = d / f"{metric}.json"
+                if f.is_file():
+                    sha = (read_metric(f, metric).get("provenance") or {}).get("ref_stats_sha256")
+                    if sha:
+                        out.setdefault(sha, []).append(str(f))
+    return out
+
+
 def _one_run(cfg: Config, results_dir, row_name: str, run_name: str, ref_stats_sha256: str | None) -> dict:
     """The measured columns of one run (a row, or one training replica of it): its metrics (each
     file read by `read_metric` and checked against the config's protocol by `check_protocol`),
@@ -56,7 +84,11 @@ def _one_run(cfg: Config, results_dir, row_name: str, run_name: str, ref_stats_s
             continue
         rec = read_metric(f, metric)
         check_protocol(rec, f, b, ref_stats_sha256)
+        check_samples_of_run(rec, f, d / "samples.npz")
         out[metric] = rec["value"]
+        ci = (rec.get("provenance") or {}).get("ci95")  # FID's bootstrap over the sample images
+        if ci is not None:
+            out[f"{metric}{_BOOT}"] = (float(ci[1]) - float(ci[0])) / 2
     t = read_train_info(d)
     if t is not None:
         out["iters"] = t.get("iters")
@@ -67,6 +99,9 @@ def _one_run(cfg: Config, results_dir, row_name: str, run_name: str, ref_stats_s
     for thr in b.eval.fid_thresholds:
         out[f"iters_to_fid<={thr:g}"] = iters_to_reach(curve, thr)
     return out
+
+
+_BOOT = "__bootstrap_ci95"  # per-run column: half-width of a metric's bootstrap interval (single-seed rows)
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -113,13 +148,21 @@ def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str |
         row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
     members = b.row_runs(run_name)
     cols = [_one_run(cfg, results_dir, run_name, r, ref_stats_sha256) for r in members]
+    cols = [{k: v for k, v in c.items() if not k.endswith(_BOOT)} for c in cols] if run_name in b.replicas else cols
     if run_name in b.replicas:
         row.update(_aggregate(cols, list(b.eval.metrics)))
+        row["ci95_over"] = f"{len(members)} training seeds (t)"
         if replicas_out is not None:
             replicas_out += [{"run": run_name, "replica": r, "seed": b.runs[r].train.seed, **c}
                              for r, c in zip(members, cols)]
     else:
-        row.update(cols[0])
+        one = cols[0]
+        row.update({k: v for k, v in one.items() if not k.endswith(_BOOT)})
+        boot = {k[:-len(_BOOT)]: v for k, v in one.items() if k.endswith(_BOOT)}
+        for metric, hw in boot.items():
+            row[f"{metric}_ci95"] = hw
+        if boot:
+            row["ci95_over"] = "sample images (bootstrap)"
     for k, v in run.paper.items():
         row[f"paper_{k}"] = v
     return row
@@ -319,6 +362,13 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
     if not rows:
         raise UserError(f"benchmark {cfg.benchmark!r} has no {table} rows (benchmarks.{cfg.benchmark}.{table})")
     ref_sha = file_sha256(ref_stats) if ref_stats else None
+    if ref_sha is None:  # no reference named: the rows must at least agree with one another
+        refs = reference_sha256s(cfg, results_dir, rows)
+        if len(refs) > 1:
+            (a, fa), (c, fc) = list(refs.items())[:2]
+            raise BadFile(fc[0], "scored against other reference statistics than other rows of the table",
+                          key="provenance.ref_stats_sha256", expected=f"{a[:16]} (as {fa[0]})", found=c[:16],
+                          hint="rescore with one reference, or pass --ref-stats to name the right one")
     replicas: list[dict] = []
     records = [collect_row(cfg, results_dir, r, ref_sha, replicas) for r in rows]
     if b.compare_to is not None:
@@ -333,6 +383,10 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
         note += (" Rows with `seeds` > 1: mean over their training replicas (the final generator of a fixed "
                  "budget each, never best-of); `<metric>_ci95`: half-width of the 95% Student-t interval of the "
                  "mean; per-replica values in `_replicas.csv`.")
+    if "ci95_over" in df.columns and (df["ci95_over"] == "sample images (bootstrap)").any():
+        note += (" Rows of one training seed: `<fid>_ci95` is the half-width of the 95% percentile-bootstrap "
+                 f"interval over the sample images (eval.bootstrap = {b.eval.bootstrap} resamples): the sample-set "
+                 "part of the uncertainty only; `ci95_over` says which interval a row has.")
     if b.compare_to is not None:
         note += (f" `vs_{b.compare_to}`: Welch's two-sided t-test of the row's "
                  f"{fid_key(b.eval.metrics)} against row `{b.compare_to}` over training seeds, 5% level.")
@@ -374,7 +428,7 @@ def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
             run = b.runs[name]
             for rec in read_convergence(run_dir(results_dir, cfg.benchmark, run.method, name)):
                 rows.append({"run": name, "label": run.label or name, **rec})
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run", "label", "step"])  # no run keeps one
     write_csv(df, out)
     return df
 
@@ -453,6 +507,48 @@ def _file_entry(path: Path) -> dict:
     if not path.is_file():
         return {"path": str(path), "exists": False}
     return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _made_by(prov: dict | None, keys=("git_commit", "versions", "host", "time")) -> dict | None:
+    """The part of a record's provenance (`eval.io.provenance`) that says what made it: `keys` that
+    it has, with the compute environment (`versions.compute`: CPU capability and model, thread
+    counts, determinism flags, GPUs and CUDA / cuDNN versions) lifted out of `versions` as
+    `compute` (None for records made before it was recorded). None for no provenance."""
+    if not prov:
+        return None
+    out = {k: prov.get(k) for k in keys if k in prov}
+    versions = dict(out.get("versions") or {})
+    out["compute"] = versions.pop("compute", None)
+    if "versions" in out:
+        out["versions"] = versions
+    return out
+
+
+def _teacher_made_by(path: Path) -> dict | None:
+    """`_made_by` of the teacher at `path`: the record `tfd train-teacher` writes beside the weights
+    (`teacher.json` for `teacher.safetensors`), or `tfd train-t2i-teacher` beside the pipeline
+    folder (`<folder>.json`); None when there is none (a converted or downloaded teacher)."""
+    info = path.with_name(path.name + ".json") if path.is_dir() else path.with_suffix(".json")
+    if not info.is_file():
+        return None
+    return _made_by(read_json(info))
+
+
+def _samples_made_by(path: Path) -> dict | None:
+    """`_made_by` of a sample file: its `provenance` member (a 0-d JSON string, as reference
+    statistics store theirs) when the npz has one, else None (`tfd sample` does not write one:
+    a sample file records its seeds, not the machine)."""
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "provenance" not in z.files:
+                return None
+            return _made_by(json.loads(str(z["provenance"])))
+    except (OSError, ValueError):  # unreadable: the table's own readers name it
+        return None
 
 
 def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str, config_file=None,

@@ -195,8 +195,12 @@ class Trainer:
     """
 
     def __init__(self, method, cfg: TrainCfg, run_dir: str | Path, device="cpu",
-                 eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None, progress: bool = True):
+                 eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None, progress: bool = True,
+                 inputs: Optional[dict[str, str]] = None):
         self.method, self.cfg, self.device, self.eval_fn = method, cfg, torch.device(device), eval_fn
+        # {name: sha256} of the files the run is made from (teacher, positives, the convergence record's
+        # feature net and reference statistics): a checkpoint made from other files is not resumed
+        self.inputs = dict(inputs or {})
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "ckpt" / "training-state.pt"
         self.progress = progress and dist.get_rank() == 0
@@ -241,7 +245,7 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                         "data": self.method.data.generator.get_state()},
                 "world_size": dist.get_world_size(), "config": asdict(self.cfg),
-                "method": self.method.name, "method_params": asdict(self.method.params)}
+                "method": self.method.name, "method_params": asdict(self.method.params), "inputs": self.inputs}
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
@@ -308,6 +312,10 @@ class Trainer:
             return f"another method ({s.get('method')!r})"
         if s.get("method_params") != asdict(self.method.params):
             return "other method parameters"
+        theirs_in = s.get("inputs")
+        if theirs_in is not None and theirs_in != self.inputs:  # older checkpoints carry none: not checked
+            changed = sorted(k for k in theirs_in.keys() | self.inputs.keys() if theirs_in.get(k) != self.inputs.get(k))
+            return f"other input files ({', '.join(changed)})"
         for name, net in self.nets.items():
             mine, saved = net.state_dict(), dict(s["nets"]).get(name)
             if saved is None or mine.keys() != saved.keys() or any(
@@ -560,7 +568,7 @@ class Trainer:
         info = {"method": self.method.name, "iters": self.step, "network_updates": dict(self.updates),
                 "generator_updates": gen_updates, "train_wall_s": self.train_wall_s,
                 "wall_s_per_generator_update": self.train_wall_s / max(gen_updates, 1),
-                "world_size": dist.get_world_size(), "generator": str(out),
+                "world_size": dist.get_world_size(), "generator": str(out), "inputs_sha256": self.inputs,
                 **provenance(train=asdict(cfg), method_params=asdict(self.method.params))}
         if dist.get_rank() == 0:  # with its checksum (`record_sha256`, verified by tfd.tables.read_json)
             atomic_write_json(self.run_dir / "train.json", seal_record(info))

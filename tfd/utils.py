@@ -26,6 +26,18 @@ from eval.io import (  # noqa: F401  (re-exports)
 )
 
 
+def path_sha256(path: str | Path) -> str:
+    """sha256 identifying a file (its bytes, `file_sha256`) or a folder (a diffusers pipeline: the
+    sha256 of its files' relative paths and hashes, in sorted order). FileNotFoundError if absent."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return hashlib.sha256("\n".join(f"{f.relative_to(path)} {file_sha256(f)}" for f in files).encode()).hexdigest()
+
+
 def trim_jsonl(path: str | Path, last_step: int) -> int:
     """Rewrite the JSONL log `path` (atomically) keeping only the records whose `step` is <= `last_step`,
     in their order; lines that are not a JSON object with a numeric `step` (a torn last line of a killed

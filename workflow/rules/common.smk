@@ -177,7 +177,7 @@ def score_spec(wildcards):
     """score: the feature network, the image size FID sees, and the CLIP model's settings (its
     checkpoint is an input). The metric list is the rule's outputs: a new metric is a missing file."""
     b = BENCHES[wildcards.bench]
-    spec = {**extractor_settings(b), "resolution": b.eval.resolution}
+    spec = {**extractor_settings(b), "resolution": b.eval.resolution, "bootstrap": b.eval.bootstrap}
     if "clip_score" in b.eval.metrics:
         spec["clip"] = {"model": b.eval.clip_model, "resize": b.eval.clip_resize}
     return _spec(spec)
@@ -233,7 +233,7 @@ def feature_weights_file(bench=None):
     e = BENCHES[bench].eval
     if e.feature_extractor == "digits":
         return f"results/{bench}/feature_net/digits_net.safetensors"
-    return e.feature_extractor_weights_path or []
+    return e.extractor_weights or []  # eval.feature_extractor_weights_path, or dinov2/cmmd_clip_checkpoint
 
 
 def dataset_input(bench):
