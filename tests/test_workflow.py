@@ -66,10 +66,18 @@ def test_dag_end_to_end(tiny_dag, tiny_config, run_snakemake):
     assert row.loc["teacher_ode", "nfe"] == 5 and row.loc["tfd", "nfe"] == 1
     for run in ("tfd", "dmd2", "cd_l2", "drift_randnet"):
         assert row.loc[run, "iters"] == 3
-        run_dir = root / "results/digits" / cfg["runs"][run]["method"] / run
-        conv = (run_dir / "convergence.jsonl").read_text().splitlines()
-        assert len(conv) == 3  # steps 0, 2 and 3 (the last is scored too)
+        seeds = cfg["runs"][run].get("seeds") or [None]  # dmd2, cd_l2: training replicas <run>@s<k>
+        for k in seeds:
+            name = run if k is None else f"{run}@s{k}"
+            run_dir = root / "results/digits" / cfg["runs"][run]["method"] / name
+            conv = (run_dir / "convergence.jsonl").read_text().splitlines()
+            assert len(conv) == 3  # steps 0, 2 and 3 (the last is scored too)
     assert row.loc["dmd2", "generator_updates"] == 1  # steps 0 (5, 10, ...): two time-scale update
+    # rows with seeds: mean and 95% interval over the replicas, and the Welch column against dmd2
+    assert row.loc["dmd2", "seeds"] == 2 and row[["fid_digits_ci95"]].loc[["dmd2", "cd_l2"]].notna().all().all()
+    assert row.loc["dmd2", "vs_dmd2"] == "reference" and row.loc["tfd", "vs_dmd2"].startswith("n/a")
+    reps = pd.read_csv(root / "results/table1_replicas.csv")
+    assert sorted(reps["replica"]) == ["cd_l2@s0", "cd_l2@s1", "dmd2@s0", "dmd2@s1"]
     assert df["fid_digits"].notna().all() and (df["fid_digits"] >= 0).all()
     check_ablations(root, cfg)
     check_table2(root, tiny_config)
@@ -171,7 +179,8 @@ def check_ablations(root, cfg):
 
 def check_manifest(root, cfg, df):
     m = json.loads((root / "results/table1.manifest.json").read_text())
-    assert m["rows"] == list(df["run"]) and set(m["runs"]) == set(df["run"])
+    members = [m_ for r in df["run"] for m_ in ([f"{r}@s{k}" for k in cfg["runs"][r].get("seeds") or []] or [r])]
+    assert m["rows"] == members and set(m["runs"]) == set(members)  # a row with seeds: its replicas
     tfd = m["runs"]["tfd"]
     assert tfd["config"]["params"]["feature_noise"] == cfg["runs"]["tfd"]["params"]["feature_noise"]
     gen = root / tfd["files"]["generator"]["path"]
