@@ -42,7 +42,8 @@ def test_tiny_config_shrinks_every_run(tiny_config):
     assert d["teacher"]["train"]["steps"] == 20 and d["eval"]["num_samples"] == 40
     bench = from_dict(Config, tiny_config, "config").bench("digits")
     added = set(bench.runs) - set(d["runs"])
-    assert added == {"feature_noise__0", "layers__bottleneck", "lambda_anchor__0"}, added
+    assert added == {"feature_noise__0", "layers__bottleneck", "lambda_anchor__0",  # the sweeps' variants
+                     "dmd2@s0", "dmd2@s1", "cd_l2@s0", "cd_l2@s1"}, added     # and the rows' training replicas
     assert bench.ablations["seed"].variants == [("0", "tfd")]  # one value: the base run itself, no extra training
     t = tiny_config["benchmarks"]["digits_text"]
     for name, run in t["runs"].items():  # the text benchmark's rows too

@@ -592,8 +592,12 @@ def _check_outputs_writable(args) -> None:
             raise BadFile(value, f"{flag} names a folder", expected="a file path (the folder it goes in is created)")
         if is_dir and Path(value).exists() and not Path(value).is_dir():
             raise BadFile(value, f"{flag} names a file", expected="a folder (created when missing)")
-        folder = Path(value) if is_dir else Path(value).parent
-        ensure_writable_dir(folder, f"output folder of --{attr.replace('_', '-')}")
+        target = Path(value)
+        folder = target if is_dir and target.is_dir() else target.parent  # a new output folder is not made here
+        try:
+            ensure_writable_dir(folder, f"output folder of {flag}")
+        except BadFile as e:  # name the output asked for, and the folder in the way
+            raise BadFile(value, f"{flag}: its folder {folder} is not writable", found=e.found) from None
 
 
 def main(argv=None):
