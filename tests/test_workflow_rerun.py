@@ -175,12 +175,12 @@ CASES = [
     case("digits_text.eval.convergence_samples", bench(T, eval={"convergence_samples": 10}),
          [("distill", {"bench": T})]),
     case("digits.runs.dmd2.train.eval_every", bench(D, runs={"dmd2": {"train": {"eval_every": 1}}}),
-         [("distill", {"bench": D, "run": "dmd2"})]),
+         [("distill", {"bench": D, "run": "dmd2@s0"}), ("distill", {"bench": D, "run": "dmd2@s1"})]),  # replicas
     case("digits.eval.fid_thresholds", bench(D, eval={"fid_thresholds": [30]}),  # the manifests record eval
          [("table1", {}), ("figure_convergence", {}), ("ablation_table", {"ablation": DIGITS_ABLATIONS})]),
     # a run's block: that run only; its label, paper numbers, nfe and the table's rows: tables and figures
     case("digits.runs.dmd2.params", bench(D, runs={"dmd2": {"params": {"gan_weight_g": 1e-3}}}),
-         [("distill", {"bench": D, "run": "dmd2"})]),
+         [("distill", {"bench": D, "run": "dmd2@s0"}), ("distill", {"bench": D, "run": "dmd2@s1"})]),
     case("digits.runs.dmd2.label", bench(D, runs={"dmd2": {"label": "DMD2 (renamed)"}}),
          [("table1", {}), ("figure_samples", {"run": "dmd2"})], slow=False),
     case("digits.runs.dmd2.paper+nfe+table1", bench(D, runs={"dmd2": {"paper": {"fid_digits": 1.0}, "nfe": 2}},
