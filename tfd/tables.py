@@ -14,7 +14,7 @@ from eval.metrics import fid_key
 from eval.score import read_metric
 from tfd.config import Config
 from tfd.runs import run_nfe
-from tfd.utils import atomic_write_json, atomic_write_text, file_sha256, provenance
+from tfd.utils import atomic_write_json, atomic_write_text, file_sha256, path_sha256, provenance
 
 
 def run_dir(results_dir, bench: str, method: str, run: str) -> Path:
@@ -499,10 +499,8 @@ def _file_entry(path: Path) -> dict:
     """{path, sha256, bytes} of a file; of a folder (a diffusers pipeline) the sha256 of its
     files' relative paths and hashes, in order; {path, exists: False} when there is nothing."""
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        digest = "\n".join(f"{f.relative_to(path)} {file_sha256(f)}" for f in files)
-        import hashlib
-        return {"path": str(path), "sha256": hashlib.sha256(digest.encode()).hexdigest(), "files": len(files),
+        files = [f for f in path.rglob("*") if f.is_file()]
+        return {"path": str(path), "sha256": path_sha256(path), "files": len(files),
                 "bytes": sum(f.stat().st_size for f in files)}
     if not path.is_file():
         return {"path": str(path), "exists": False}
