@@ -12,7 +12,10 @@ Hashing. `file_sha256(path)`: the hex sha256 of a file's bytes, cached by (resol
 mtime_ns) so that large weight files are hashed once per process.
 
 Provenance. `provenance(**extra)`: git commit of this checkout (`+dirty` when tracked files
-differ), versions of the packages that produce numbers, host and time.
+differ), versions of the packages that produce numbers, host and time. The versions carry
+`compute` (`compute_environment()`): what decides the bits of a float result besides the code and
+the seed (CPU capability and model, thread counts, determinism flags, GPU model and CUDA / cuDNN
+versions), so that two records made on different machines say why their numbers differ.
 """
 from __future__ import annotations
 
@@ -515,8 +518,70 @@ def git_commit() -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name: the first `model name` line of /proc/cpuinfo (Linux), else
+    `platform.processor()`; None when neither says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+_FIXED_COMPUTE: dict | None = None  # the part of compute_environment() that a process cannot change
+
+
+def _fixed_compute() -> dict:
+    """The process-constant part of `compute_environment()`, computed once per process: torch's
+    build (`torch.__version__`, with its local tag: `+cu130`, `+cpu`), CPU capability and model,
+    and when CUDA is available the GPUs with the CUDA / cuDNN versions (None otherwise)."""
+    global _FIXED_COMPUTE
+    if _FIXED_COMPUTE is None:
+        import torch
+
+        out = {"torch_build": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cpu_model": _cpu_model(), "gpus": None, "cuda": None, "cudnn": None}
+        if torch.cuda.is_available():
+            out.update(gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        _FIXED_COMPUTE = out
+    return dict(_FIXED_COMPUTE)
+
+
+#: environment variables that change float results or the threads that compute them
+COMPUTE_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def compute_environment() -> dict:
+    """What decides the bits of a float result besides the code, the inputs and the seed: torch's
+    CPU kernel set (`cpu_capability`, as `torch.backends.cpu.get_cpu_capability()` reports it:
+    DEFAULT, AVX2, AVX512, ...; `ATEN_CPU_CAPABILITY` forces a lower one), the CPU model, torch's
+    intra-op and inter-op thread counts (`torch.get_num_threads()` / `get_num_interop_threads()`),
+    the environment variables of `COMPUTE_ENV_VARS` (None when unset),
+    `torch.are_deterministic_algorithms_enabled()`, cuDNN's `deterministic` / `benchmark` flags,
+    and with CUDA the GPU models (`gpus`) and the CUDA / cuDNN versions (None without CUDA).
+    Same values (`torch_build` included): byte-identical results; any difference may change the
+    order of float reductions, so results differ in the last bits and training runs drift apart
+    (README, "What reproduces"). Cheap: the fixed part is cached."""
+    import torch
+
+    out = _fixed_compute()
+    out.update(threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+               env={k: os.environ.get(k) for k in COMPUTE_ENV_VARS},
+               deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+               cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+               cudnn_benchmark=bool(torch.backends.cudnn.benchmark))
+    return out
+
+
 def package_versions(names=("torch", "numpy", "tfd-bench", "torch-fidelity", "clean-fid", "snakemake")) -> dict:
-    """{distribution name: installed version or None} for `names`, plus `python`."""
+    """{distribution name: installed version or None} for `names`, plus `python` and `compute`
+    (`compute_environment()`: the torch build's CPU capability, thread counts, determinism flags and
+    GPU / CUDA versions; here so that every record that states its versions, metric records
+    included, states these too)."""
     out = {}
     for n in names:
         try:
@@ -524,10 +589,12 @@ def package_versions(names=("torch", "numpy", "tfd-bench", "torch-fidelity", "cl
         except metadata.PackageNotFoundError:
             out[n] = None
     out["python"] = platform.python_version()
+    out["compute"] = compute_environment()
     return out
 
 
 def provenance(**extra) -> dict:
-    """What produced an output: git commit, package versions, host, time, plus `extra`."""
+    """What produced an output: git commit, package versions with the compute environment
+    (`versions.compute`, see `compute_environment`), host, time, plus `extra`."""
     return {"git_commit": git_commit(), "versions": package_versions(), "host": platform.node(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}

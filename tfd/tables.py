@@ -552,8 +552,13 @@ def _samples_made_by(path: Path) -> dict | None:
 def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str, config_file=None,
                    extra_files: dict | None = None) -> dict:
     """Provenance of a table (`<table>.manifest.json`): for every row's run its config block, seeds,
-    the files it was computed from (sha256) and the git commit / versions each of them recorded
-    when it was made; plus the config file, the commit and package versions now."""
+    the files it was computed from (sha256) and, per job that made them (`made_by`: `train`,
+    `sample`, `metrics` = the scoring), the git commit, package versions and compute environment
+    (`compute`: CPU capability and model, thread counts, determinism flags, GPUs, CUDA / cuDNN
+    versions; what decides whether a rerun is byte-identical, see README "What reproduces") each
+    of them recorded; the inputs (sha256; the teacher with its own `made_by`); plus the config
+    file, the commit, package versions and compute environment now (`written_by`). A job whose
+    files record none has `made_by[job]` None or absent."""
     from dataclasses import asdict
 
     b = cfg.bench()
@@ -569,7 +574,8 @@ def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str
                          convergence=_file_entry(d / "convergence.jsonl"), stats=_file_entry(d / "stats.jsonl"))
             t = read_train_info(d)
             if t is not None:
-                made_by["train"] = {k: t.get(k) for k in ("git_commit", "versions", "host", "time")}
+                made_by["train"] = _made_by(t)
+        made_by["sample"] = _samples_made_by(d / "samples.npz")
         metrics = {}
         for metric in b.eval.metrics:
             f = d / "metrics" / f"{metric}.json"
@@ -578,17 +584,19 @@ def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str
                 m = read_metric(f, metric)
                 metrics[metric]["value"] = m.get("value")
                 p = m.get("provenance", {})
-                made_by.setdefault("metrics", {k: p.get(k) for k in ("git_commit", "versions")})
+                made_by.setdefault("metrics", _made_by(p, ("git_commit", "versions")))
         train_seed = run.train.seed if run.trains else None
         entries[rname] = {"method": run.method, "label": run.label, "dir": str(d), "config": asdict(run),
                           "seeds": {"train": train_seed, "eval_base_seed": b.eval.base_seed,
                                     "eval_num_samples": b.eval.num_samples,
                                     "rule": "image i: seed eval_base_seed + i, condition conditions[i % len]"},
                           "files": files, "metrics": metrics, "made_by": made_by}
+    inputs = {k: _file_entry(Path(v)) for k, v in (extra_files or {}).items()}
+    if "teacher" in inputs:
+        inputs["teacher"]["made_by"] = _teacher_made_by(Path(extra_files["teacher"]))
     manifest = {"table": str(table), "benchmark": cfg.benchmark, "rows": list(runs),
                 "config_file": _file_entry(Path(config_file)) if config_file else None,
-                "teacher": asdict(b.teacher), "eval": asdict(b.eval),
-                "inputs": {k: _file_entry(Path(v)) for k, v in (extra_files or {}).items()},
+                "teacher": asdict(b.teacher), "eval": asdict(b.eval), "inputs": inputs,
                 "written_by": provenance(), "runs": entries}
     atomic_write_json(out, manifest)
     return manifest
