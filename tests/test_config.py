@@ -76,7 +76,7 @@ def test_check_names_bad_method_params_and_train_keys(root):
 def test_ablations_expand_into_runs(root):
     b = load_config(root / "config.yaml").bench()
     noise = b.ablations["feature_noise"]
-    assert [label for label, _ in noise.variants] == ["0", "0.02", "0.1", "0.5"]
+    assert [label for label, _ in noise.variants] == ["0", "0.1"]
     runs = dict(noise.variants)
     assert runs["0.1"] == "tfd"  # the base value is the base run: not trained twice
     assert b.runs[runs["0"]].params.feature_noise == 0.0
@@ -147,4 +147,4 @@ def test_cli_names_an_undefined_run(root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill", "--config", str(root / "config.yaml"), "--run", "tdf", "--teacher", "x", "--out-dir", "y"])
     msg = str(e.value.code)
-    assert msg.startswith("tfd distill: error: run 'tdf' is not defined") and msg.endswith(" tfd)")
+    assert msg.startswith("tfd distill: error: run 'tdf' is not defined") and ", tfd, " in msg

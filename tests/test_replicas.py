@@ -23,7 +23,7 @@ def _cfg(runs=None, **bench):
 
 
 def test_seeds_expand_into_replicas_sharing_everything_but_the_training_seed():
-    b = _cfg({"dmd2": {"seeds": [3, 1]}}).bench()
+    b = _cfg({"dmd2": {"seeds": [3, 1]}, "tfd": {"seeds": None}}).bench()
     assert b.row_runs("dmd2") == ["dmd2@s3", "dmd2@s1"] and b.row_runs("tfd") == ["tfd"]
     base = b.runs["dmd2"]
     for name, seed in (("dmd2@s3", 3), ("dmd2@s1", 1)):
@@ -137,7 +137,7 @@ def test_fid_bootstrap_equals_an_independent_resampling():
 
 
 def test_single_seed_rows_show_the_bootstrap_interval(tmp_path):
-    cfg = _cfg(table1=["tfd"], ablations={})
+    cfg = _cfg({"tfd": {"seeds": None}}, table1=["tfd"], ablations={})
     b = cfg.bench()
     d = tmp_path / "digits" / "tfd" / "tfd" / "metrics"
     for m in b.eval.metrics:
@@ -149,3 +149,47 @@ def test_single_seed_rows_show_the_bootstrap_interval(tmp_path):
     assert df.loc["tfd", "fid_digits_ci95"] == 1.5 and df.loc["tfd", "ci95_over"] == "sample images (bootstrap)"
     assert "percentile-bootstrap" in (tmp_path / "t.md").read_text()
     assert not (tmp_path / "t_replicas.csv").exists()
+
+
+def test_ablation_with_seeds_tests_each_variant_against_the_base(tmp_path):
+    """A sweep with seeds: per variant the mean and interval over its replicas, and `vs_base_<col>`
+    Welch's test of the variant's replica values against the base run's (here lambda_anchor 1.0 =
+    the `tfd` row) for the final FID, the best FID within the largest budget and `compare` metrics."""
+    from eval.io import seal_record
+    from tfd.tables import write_ablation
+
+    abl = {"lambda_anchor": {"title": "anchor", "base": "tfd", "key": "params.lambda_anchor", "values": [0.0, 1.0],
+                             "budgets": [100, 200], "compare": ["max_ssim"]}}
+    cfg = _cfg({"tfd": {"seeds": [0, 1, 2], "train": {"steps": 200}}}, ablations=abl, table1=["tfd"])
+    b = cfg.bench()
+    (l0, r0), (l1, r1) = b.ablations["lambda_anchor"].variants
+    assert r1 == "tfd" and b.row_runs(r0) == [f"{r0}@s{k}" for k in (0, 1, 2)]
+    final = {r0: [9.0, 9.5, 9.2], r1: [7.0, 7.4, 7.1]}
+    ssim = {r0: [0.90, 0.91, 0.90], r1: [0.90, 0.905, 0.91]}
+    for row in (r0, r1):
+        for k, run in enumerate(b.row_runs(row)):
+            d = tmp_path / "digits" / "tfd" / run
+            for m in b.eval.metrics:
+                v = final[row][k] if m == "fid_digits" else ssim[row][k] if m == "max_ssim" else 0.5
+                _metric(d / "metrics", m, v, b.eval.num_samples)
+            (d / "train.json").write_text(json.dumps(seal_record({"iters": 200})))
+            recs = [seal_record({"step": s, "fid_digits": final[row][k] + 1 + (200 - s) / 10}) for s in (0, 100, 200)]
+            (d / "convergence.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    df = write_ablation(cfg, tmp_path, "lambda_anchor", tmp_path / "abl.csv").set_index("run")
+    p = stats.ttest_ind(final[r0], final[r1], equal_var=False).pvalue
+    assert df.loc[r0, "vs_base_final_fid_digits"] == f"higher (p={p:.3g})" and p < 0.05
+    assert df.loc[r1, "vs_base_final_fid_digits"] == "base"
+    best = [v + 1 for v in final[r0]], [v + 1 for v in final[r1]]
+    p_best = stats.ttest_ind(*best, equal_var=False).pvalue
+    assert df.loc[r0, "vs_base_best_fid_digits@200"] == f"higher (p={p_best:.3g})"
+    p_ssim = stats.ttest_ind(ssim[r0], ssim[r1], equal_var=False).pvalue
+    assert df.loc[r0, "vs_base_final_max_ssim"] == f"n.s. (p={p_ssim:.3g})" and p_ssim > 0.05
+    assert df.loc[r0, "final_fid_digits"] == pytest.approx(round(np.mean(final[r0]), 4))
+    assert "Welch" in (tmp_path / "abl.md").read_text()
+
+
+def test_ablation_compare_names_a_metric_of_the_benchmark():
+    abl = {"x": {"base": "tfd", "key": "params.lambda_anchor", "values": [0.0], "compare": ["nope"]}}
+    from tfd.config import check
+    with pytest.raises(ConfigError, match=r"ablations.x.compare: 'nope' is not one of eval.metrics"):
+        check(_cfg(ablations=abl))

@@ -386,6 +386,7 @@ class AblationCfg:
     title: Optional[str] = None
     diversity: Optional[DiversityCfg] = None
     seeds: Optional[list[int]] = None                          # training replicas of each variant (default: base's)
+    compare: list[str] = field(default_factory=list)           # metrics also tested against the base run
     # [(label, run name)] per value, filled in by the expansion (not a config key)
     variants: list[tuple[str, str]] = field(default_factory=list, init=False)
 
@@ -623,6 +624,9 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
                  "laion2b_s12b_b42k weights, open_clip_pytorch_model.bin)")
     from eval.metrics import check_metric_names  # the metric registry: unknown or inapplicable names
     problems += [f"{w}.eval.metrics: {p}" for p in check_metric_names(b.eval.metrics, b.eval.feature_extractor)]
+    for a, abl in b.ablations.items():
+        problems += [f"{w}.ablations.{a}.compare: {m!r} is not one of eval.metrics ({', '.join(b.eval.metrics)})"
+                     for m in abl.compare if m not in b.eval.metrics]
     for table in ("table1", "table2"):
         for r in getattr(b, table):
             if r not in b.runs:

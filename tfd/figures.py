@@ -171,7 +171,8 @@ def plot_convergence(conv_csv, out_stem, thresholds=(), x: str = "step", title: 
 
     Columns: run, optional label (legend; else run), step, generator_updates, train_wall_s, the
     FID column (see `fid_column`). Log y; a dashed line per threshold and, per run, a marker at the
-    first step with FID <= threshold. Returns {run: {threshold: first step or None}}."""
+    first step with FID <= threshold; runs with one label (a row's training replicas) share a colour
+    and a legend entry. Returns {run: {threshold: first step or None}}."""
     df = _read_csv(conv_csv)
     if df.empty:
         raise UserError(f"{conv_csv}: no convergence records: no run of the table keeps one (set train.eval_every "
@@ -181,10 +182,13 @@ def plot_convergence(conv_csv, out_stem, thresholds=(), x: str = "step", title: 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     crossings = {}
+    colours: dict[str, str] = {}  # training replicas of one row (one label) share a colour and a legend entry
     for run, g in df.groupby("run", sort=False):
         g = g.sort_values("step", kind="stable")
         label = str(g["label"].dropna().iloc[0]) if "label" in g and g["label"].notna().any() else str(run)
-        (line,) = ax.plot(g[x], g[fid], marker=".", ms=3, lw=1.2, label=label)
+        (line,) = ax.plot(g[x], g[fid], marker=".", ms=3, lw=1.2, color=colours.get(label),
+                          label=label if label not in colours else None)
+        colours.setdefault(label, line.get_color())
         steps, fids, xs = g["step"].to_numpy(), g[fid].to_numpy(float), g[x].to_numpy()
         crossings[str(run)] = {}
         for thr in thresholds:

@@ -171,10 +171,8 @@ def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str |
 def compare_rows(cfg: Config, rows: list[dict], replicas: list[dict]) -> dict[str, str]:
     """The comparison column: for each row, whether its FID differs from the `compare_to` row's
     beyond the spread of training seeds, by Welch's two-sided t-test at the 5% level on the
-    replica values (`scipy.stats.ttest_ind(equal_var=False)`): `lower`/`higher (p=...)`,
-    `n.s. (p=...)`, or `n/a` where either row has fewer than 2 seeds."""
-    from scipy import stats
-
+    replica values (`welch_verdict`): `lower`/`higher (p=...)`, `n.s. (p=...)`, or `n/a` where
+    either row has fewer than 2 seeds."""
     b = cfg.bench()
     ref = b.compare_to
     metric = fid_key(b.eval.metrics)
@@ -182,19 +180,23 @@ def compare_rows(cfg: Config, rows: list[dict], replicas: list[dict]) -> dict[st
     for r in replicas:
         if r.get(metric) is not None:
             per_row.setdefault(r["run"], []).append(r[metric])
-    out = {}
-    for row in rows:
-        name = row["run"]
-        a, c = per_row.get(name, []), per_row.get(ref, [])
-        if name == ref:
-            out[name] = "reference"
-        elif len(a) < 2 or len(c) < 2:
-            out[name] = "n/a (needs >= 2 seeds in both rows)"
-        else:
-            p = float(stats.ttest_ind(a, c, equal_var=False).pvalue)
-            diff = sum(a) / len(a) - sum(c) / len(c)
-            out[name] = (("lower" if diff < 0 else "higher") if p < 0.05 else "n.s.") + f" (p={p:.3g})"
-    return out
+    return {row["run"]: "reference" if row["run"] == ref else welch_verdict(per_row.get(row["run"], []),
+                                                                           per_row.get(ref, []))
+            for row in rows}
+
+
+def welch_verdict(a, ref) -> str:
+    """Whether replica values `a` differ from `ref`'s beyond the spread of training seeds: Welch's
+    two-sided t-test at the 5% level (`scipy.stats.ttest_ind(equal_var=False)`) -> `lower (p=...)`,
+    `higher (p=...)` (the sign of mean(a) - mean(ref)), `n.s. (p=...)`, or `n/a` where either side
+    has fewer than 2 values."""
+    from scipy import stats
+
+    if len(a) < 2 or len(ref) < 2:
+        return "n/a (needs >= 2 seeds in both rows)"
+    p = float(stats.ttest_ind(a, ref, equal_var=False).pvalue)
+    diff = sum(a) / len(a) - sum(ref) / len(ref)
+    return (("lower" if diff < 0 else "higher") if p < 0.05 else "n.s.") + f" (p={p:.3g})"
 
 
 def read_convergence(d: Path, last_step: int | None = None) -> list[dict]:
@@ -433,6 +435,15 @@ def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
     return df
 
 
+def ablation_compare_keys(b, abl) -> list[str]:
+    """The ablation table's columns tested against the base run's (`vs_base_<column>`): the final
+    FID, the best FID within the largest budget, and the sweep's `compare` metrics (`final_<metric>`)."""
+    fid = fid_key(b.eval.metrics)
+    budgets = abl.budgets or sorted({b.runs[r].train.steps for _, r in abl.variants})
+    keys = [f"final_{fid}"] + ([f"best_{fid}@{max(budgets)}"] if budgets else [])
+    return keys + [f"final_{m}" for m in abl.compare if f"final_{m}" not in keys]
+
+
 def ablation_budgets(cfg: Config, name: str) -> list[int]:
     b = cfg.bench()
     abl = b.ablations[name]
@@ -475,7 +486,16 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
                          for m, c in zip(b.row_runs(rname), cols)]
         else:
             row.update(cols[0])
+        row["_values"] = cols
         rows.append(row)
+    base_row = next((r for r in rows if r["run"] == abl.base), None)
+    for key in (ablation_compare_keys(b, abl) if base_row is not None else []):
+        ref = [c[key] for c in base_row["_values"] if c.get(key) is not None]
+        for r in rows:
+            r[f"vs_base_{key}"] = "base" if r is base_row else welch_verdict(
+                [c[key] for c in r["_values"] if c.get(key) is not None], ref)
+    for r in rows:
+        del r["_values"]
     df = pd.DataFrame(rows)
     seeds = sorted({len(b.row_runs(r)) for _, r in abl.variants})
     conv_n = b.eval.convergence_samples
@@ -487,6 +507,9 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
                 "One training seed per variant." if seeds == [1] else
                 f"Mean over {'/'.join(map(str, seeds))} training seeds per variant, `*_ci95`: half-width of the "
                 "95% Student-t interval of the mean; per-replica values in `_replicas.csv`."))
+    if base_row is not None and seeds != [1]:
+        note += (f" `vs_base_<column>`: Welch's two-sided t-test of the variant's replica values against the base "
+                 f"run's (`{abl.base}`) at the 5% level (lower / higher / n.s., with the p-value).")
     _write_csv_md(df, out, note)
     if replicas:
         write_csv(pd.DataFrame(replicas), replicas_path(out))
