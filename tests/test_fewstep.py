@@ -339,3 +339,26 @@ def test_check_config_rejects_bad_params(root, tmp_path, capsys, run, params, ke
     with pytest.raises(SystemExit) as e:
         main(["check-config", "--config", str(p)])
     assert key in str(e.value) and f"runs.{run}.params" in str(e.value)
+
+
+def test_new_options_leave_existing_run_specs_and_checkpoints_alone(tmp_path):
+    """num_steps / student_sigmas at their one-step values are not in a run's spec (params_spec), so
+    the DAG does not rerun, and the trainer still resumes, runs made before they existed."""
+    import dataclasses
+
+    from tfd.config import params_spec
+    from tfd.trainer import Trainer
+    old = {k: v for k, v in dataclasses.asdict(DMD2Params()).items() if k not in ("num_steps", "student_sigmas")}
+    assert params_spec(DMD2Params()) == old
+    assert params_spec(DMD2Params(num_steps=4))["num_steps"] == 4
+    cfg = TrainCfg(steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=1, log_every=1)
+    Trainer(dmd2(gan=False), cfg, tmp_path, progress=False).fit()
+    path = tmp_path / "ckpt" / "training-state.pt"
+    state = torch.load(path, weights_only=False)
+    before = {k: v for k, v in dataclasses.asdict(DMD2Params(batch_per_rank=4, gan=False)).items()
+              if k not in ("num_steps", "student_sigmas")}
+    assert state["method_params"] == before     # what a checkpoint written before the options holds
+    longer = Trainer(dmd2(gan=False), TrainCfg(**{**dataclasses.asdict(cfg), "steps": 3}), tmp_path, progress=False)
+    assert longer.try_resume() and longer.step == 2
+    other = Trainer(dmd2(gan=False, num_steps=2), cfg, tmp_path / "x", progress=False)
+    assert other._stale_reason(state) == "other method parameters"

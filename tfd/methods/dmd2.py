@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,8 @@ class DMD2Params:
     gan_weight_d: float = 1e-2            # fake score (discriminator) GAN loss weight
     gan_weight_g: float = 3e-3            # generator GAN loss weight
     gan_layer: str = "bottleneck"         # fake score layer the head reads (DMD2: enc 8x8_block2)
+    # options added after runs were made: at these values they leave run specs and checkpoints as they were
+    NEW_DEFAULTS: ClassVar[dict] = {"num_steps": 1, "student_sigmas": None}
     num_steps: int = 1                    # few-step student (tfd/fewstep.py): N generator calls per sample
     student_sigmas: Optional[list[float]] = None  # its N input noise levels, descending; None: DMD2's
                                                   # N-step timesteps as EDM sigmas (N = 4: [80, 4.08, 1.61, 0.69])
