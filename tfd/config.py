@@ -108,6 +108,18 @@ def _convert(tp, value, where):
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+def params_spec(params) -> dict:
+    """`asdict(params)` of a method's Params, without each key its class lists in `NEW_DEFAULTS`
+    (options added after runs were made, with the value that keeps the old behaviour) while it holds
+    that value. The run specs of the DAG and the trainer's resume check use it, so adding an option
+    neither reruns existing runs nor sets their checkpoints aside as stale."""
+    d = dataclasses.asdict(params)
+    for key, value in getattr(type(params), "NEW_DEFAULTS", {}).items():
+        if key in d and d[key] == value:
+            del d[key]
+    return d
+
+
 def to_dict(obj) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 

@@ -80,14 +80,20 @@ def load_teacher(b: BenchmarkCfg, path: str | Path, device="cpu", prompts: Promp
 
 def run_nfe(b: BenchmarkCfg, run_name: str) -> int:
     """Network evaluations per sample of a row (the paper's FP: a guided step counts two forward
-    passes): `runs.<run>.nfe`, the Heun or pipeline sampler's, or 1."""
+    passes): `runs.<run>.nfe`, the Heun or pipeline sampler's, a trained generator's method's
+    `nfe(params)` (a few-step student: its number of steps), or 1."""
     run = b.runs[run_name]
     if run.nfe is not None:
         return run.nfe
     if run.method == "heun":
         guided = run.sampler.guidance not in (None, 1)
         return run.sampler.nfe * (2 if guided else 1)
-    return run.sampler.nfe if run.method == "pipeline" else 1
+    if run.method == "pipeline":
+        return run.sampler.nfe
+    if run.trains:
+        from tfd.methods import get_method
+        return get_method(run.method).nfe(run.params)
+    return 1
 
 
 def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0,

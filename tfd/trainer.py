@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from eval.errors import UserError
 from tfd import dist
-from tfd.config import TrainCfg  # noqa: F401  (re-exported: the trainer's settings)
+from tfd.config import TrainCfg, params_spec  # noqa: F401  (TrainCfg re-exported: the trainer's settings)
 from tfd.utils import (
     JsonlLogger,
     RunLock,
@@ -245,7 +245,7 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                         "data": self.method.data.generator.get_state()},
                 "world_size": dist.get_world_size(), "config": asdict(self.cfg),
-                "method": self.method.name, "method_params": asdict(self.method.params), "inputs": self.inputs}
+                "method": self.method.name, "method_params": params_spec(self.method.params), "inputs": self.inputs}
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
@@ -310,7 +310,7 @@ class Trainer:
             return f"other settings ({', '.join(changed)})"
         if s.get("method") != self.method.name:
             return f"another method ({s.get('method')!r})"
-        if s.get("method_params") != asdict(self.method.params):
+        if s.get("method_params") != params_spec(self.method.params):
             return "other method parameters"
         theirs_in = s.get("inputs")
         if theirs_in is not None and theirs_in != self.inputs:  # older checkpoints carry none: not checked

@@ -84,6 +84,12 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def nfe(cls, params) -> int:
+        """Generator calls per sample of `sampler_for` (the tables' `nfe` column unless the run sets
+        `nfe:`); a few-step method returns its number of steps."""
+        return 1
+
+    @classmethod
     def sampler_for(cls, generator, params):
         """`sampler(cond, rnd)` for evaluation from an exported generator (a `Denoiser`); default:
         one step `x = D(a z; s, c)` with `(s, a) = generator_input(params, generator)`."""
@@ -101,5 +107,6 @@ def get_method(name: str) -> type[Method]:
 # Registry lines: importing a module registers its method.
 from tfd.methods import cd as _cd  # noqa: E402,F401
 from tfd.methods import dmd2 as _dmd2  # noqa: E402,F401
+from tfd.methods import dpdmd as _dpdmd  # noqa: E402,F401
 from tfd.methods import drift as _drift  # noqa: E402,F401
 from tfd.methods import tfd as _tfd  # noqa: E402,F401

@@ -11,6 +11,16 @@ Networks
   as DMD2's guidance optimiser holds `fake_unet` and `cls_pred_branch` together.
 - real score: the frozen teacher (`self.teacher`).
 
+Few steps (`num_steps` N > 1, row `dmd2_4step`): DMD2's multi-step generator (tfd/fewstep.py). The
+generator runs N times on `student_sigmas` (default: DMD2's N-step timesteps range(999, 0, -1000 // N)
+as EDM sigmas, the first replaced by the input level: N = 4 gives [80, 4.08, 1.61, 0.69]), re-noising
+each x0 prediction with fresh noise; evaluation uses `few_step_sampler` and the tables count N
+forward passes. Training uses DMD2's backward simulation (`sample_backward` in DMD2's
+`sd_unified_model.py`): one step k ~ U{0..N-1} per batch; the generator's input at step k is its OWN
+k-step rollout from independent noise (no gradient), x0_{k-1} re-noised with `z` at s_k (k = 0: pure
+noise), and the DM/GAN losses are applied to G(input; s_k). N = 1 (default) is the one-step generator
+exactly: same random draws, same operations.
+
 One method `dmd2` with `gan: bool`: `gan: true` is DMD2 (config row `dmd2`), `gan: false` is
 DMD2 without the GAN term (config row `dmd2_nogan`: distribution matching + two time-scale
 update only).
@@ -38,13 +48,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eval.errors import UserError
+from tfd.fewstep import check_sigmas, dmd2_sigmas, few_step_sampler, next_state
 from tfd.methods import Method, StepOutput, generator_input, register
 from tfd.sampling import karras_sigmas
 
@@ -68,6 +79,37 @@ class DMD2Params:
     gan_weight_d: float = 1e-2            # fake score (discriminator) GAN loss weight
     gan_weight_g: float = 3e-3            # generator GAN loss weight
     gan_layer: str = "bottleneck"         # fake score layer the head reads (DMD2: enc 8x8_block2)
+    # options added after runs were made: at these values they leave run specs and checkpoints as they were
+    NEW_DEFAULTS: ClassVar[dict] = {"num_steps": 1, "student_sigmas": None}
+    num_steps: int = 1                    # few-step student (tfd/fewstep.py): N generator calls per sample
+    student_sigmas: Optional[list[float]] = None  # its N input noise levels, descending; None: DMD2's
+                                                  # N-step timesteps as EDM sigmas (N = 4: [80, 4.08, 1.61, 0.69])
+
+    def __post_init__(self):
+        check_student(self)
+
+
+def check_student(p) -> None:
+    """Range checks of a few-step student's `num_steps` / `student_sigmas` (ValueError naming the key)."""
+    if p.num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {p.num_steps}")
+    if p.student_sigmas is not None:
+        check_sigmas(p.student_sigmas, p.num_steps)
+        for key in ("generator_sigma", "generator_timestep"):
+            if getattr(p, key, None) is not None:
+                raise ValueError(f"student_sigmas and {key} both set: student_sigmas[0] is the input noise level, "
+                                 f"leave {key} unset")
+
+
+def student_schedule(p, generator, default=dmd2_sigmas) -> tuple[list[float], float]:
+    """(sigmas, scale) of a few-step student: `student_sigmas` with input scale sigmas[0], or
+    `default(num_steps, s)` from the one-step input `(s, scale) = generator_input(p, generator)`
+    (N = 1: exactly the one-step generator's input)."""
+    if p.student_sigmas is not None:
+        sig = [float(v) for v in p.student_sigmas]
+        return sig, sig[0]
+    s, a = generator_input(p, generator)
+    return default(p.num_steps, s), a
 
 
 def _num_groups(c: int) -> int:
@@ -141,6 +183,11 @@ class DMD2(Method):
                 h = teacher.features(x0, torch.ones([1], device=device), c0, [p.gan_layer])[p.gan_layer]
             head = GANHead(h.shape[1], min(h.shape[-2:])).to(device)
         self.fake = FakeScore(net, head)
+        self.sigmas, self.in_scale = student_schedule(p, self.generator)
+        self._init_grid(teacher)
+
+    def _init_grid(self, teacher):
+        p, device = self.params, self.device
         # Ascending 1000-level noise grid: a Karras grid over the teacher's range (DMD2's EDM code:
         # get_sigmas_karras(...).flip(0)), or the teacher's own discrete timesteps (DMD2's SD code:
         # DDPM timesteps t with scheduler.add_noise, i.e. sigma_t in EDM terms).
@@ -186,7 +233,21 @@ class DMD2(Method):
             level("gan_g", 0, T - 1)
             level("gan_real", 0, T - 1)
             level("gan_fake", 0, T - 1)
+        self.backward_simulation_draws(batch)
         return batch
+
+    def backward_simulation_draws(self, batch: dict) -> None:
+        """Few-step students (num_steps N > 1; nothing is drawn for N = 1, so one-step runs keep their
+        random streams): DMD2's backward simulation draws one step index k ~ U{0..N-1} per batch
+        (`sim_k`, repeated per sample so the batch splits across ranks; DMD2 broadcasts it across GPUs,
+        here each rank draws its own), the rollout's own starting noise `sim_z` (uncorrelated with
+        `z`, as DMD2) and its re-noising noise `sim_noise` [B, N-1, ...]."""
+        N, B, dev = self.params.num_steps, batch["z"].shape[0], self.device
+        if N == 1:
+            return
+        batch["sim_k"] = torch.randint(0, N, (1,), device=dev).repeat(B)
+        batch["sim_z"] = torch.randn_like(batch["z"])
+        batch["sim_noise"] = torch.randn([B, N - 1, *batch["z"].shape[1:]], device=dev)
 
     # -- pieces --------------------------------------------------------------------------------
     def _sigma(self, i: torch.Tensor) -> torch.Tensor:
@@ -197,6 +258,36 @@ class DMD2(Method):
         sqrt(s^2 + 1)); z `[B, *sample_shape]`, cond `[B]`."""
         s, a = generator_input(self.params, self.generator)
         return self.generator.denoise(z * a, s, cond)
+
+    @torch.no_grad()
+    def student_input(self, b: dict) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The generator's input (x, sigma) on this step. One step: (a z, s_0). Few steps: DMD2's
+        backward simulation (tianweiy/DMD2 `sample_backward` + `prepare_denoising_data`): run the
+        student itself, without gradient, from its own noise `sim_z` for k = `sim_k` steps (re-noising
+        each x0 prediction with `sim_noise`), then re-noise its last x0 prediction with `z` at s_k; k = 0
+        is the pure-noise input a z. The returned state is detached (computed under no_grad)."""
+        z, cond, sig, a = b["z"], b["cond"], self.sigmas, self.in_scale
+        if self.params.num_steps == 1:
+            return z * a, sig[0]
+        k = b["sim_k"]
+        view = [-1] + [1] * (z.ndim - 1)
+        x, x0 = b["sim_z"] * a, torch.zeros_like(z)
+        kmax = int(k.max())
+        for j in range(kmax):
+            x0_j = self.generator.denoise(x, sig[j], cond)
+            x0 = torch.where((k > j).view(view), x0_j, x0)
+            if j + 1 < kmax:
+                x = next_state(x, x0_j, sig[j], sig[j + 1], "renoise", b["sim_noise"][:, j])
+        s_k = torch.tensor(sig, dtype=z.dtype, device=z.device)[k].view(view)
+        return torch.where((k == 0).view(view), z * a, x0 + s_k * z), s_k
+
+    def generate_batch(self, b: dict) -> torch.Tensor:
+        """The generator's output on this step: one step `generate(z, cond)`; few steps
+        G(student_input(b)) (gradient only through this last call)."""
+        if self.params.num_steps == 1:
+            return self.generate(b["z"], b["cond"])
+        x_in, s = self.student_input(b)
+        return self.generator.denoise(x_in, s, b["cond"])
 
     def dm_loss(self, x: torch.Tensor, cond: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
         """Distribution-matching loss at s = grid[i] (i in 20..980; no grad through the scores)."""
@@ -260,7 +351,7 @@ class DMD2(Method):
         `dfake_gen_update_ratio`-th step, the fake-score loss on every step."""
         gen_turn = step % self.params.dfake_gen_update_ratio == 0
         with torch.set_grad_enabled(gen_turn and torch.is_grad_enabled()):
-            x = self.generate(batch["z"], batch["cond"])
+            x = self.generate_batch(batch)
         losses, metrics = {}, {}
         if gen_turn:  # generator first (see module docstring)
             losses["generator"], m = self.generator_losses(batch, x)
@@ -269,7 +360,20 @@ class DMD2(Method):
         metrics.update(m)
         metrics["loss"] = losses["fake_score"].item()
         metrics["gen_turn"] = float(gen_turn)
+        if "sim_k" in batch:
+            metrics["sim_step"] = float(batch["sim_k"][0])
         return StepOutput(losses=losses, metrics=metrics)
+
+    @classmethod
+    def nfe(cls, params) -> int:
+        return params.num_steps
+
+    @classmethod
+    def sampler_for(cls, generator, params):
+        """N-step sampler (`tfd.fewstep.few_step_sampler`, DMD2's re-noising rule); N = 1 is the
+        one-step generator of the base class, bitwise."""
+        sigmas, scale = student_schedule(params, generator)
+        return few_step_sampler(generator, sigmas, scale, rule="renoise")
 
 
 @contextlib.contextmanager

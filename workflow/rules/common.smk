@@ -10,7 +10,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from eval.io import atomic_write_text
-from tfd.config import Config, ConfigError, check, from_dict, input_paths
+from tfd.config import Config, ConfigError, check, from_dict, input_paths, params_spec
 
 SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working directory (a copy of "
              "workflow/site.example.yaml; the slurm profile loads it), or pass --configfile FILE.")
@@ -102,7 +102,10 @@ def _spec(d) -> str:
 def run_spec(wildcards):
     """The run's resolved config block as a param: editing it reruns that run only (its label, paper
     numbers and nfe are the tables' business, its positives overrides reach it as the positives cache)."""
-    spec = dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run])
+    run = BENCHES[wildcards.bench].runs[wildcards.run]
+    spec = dataclasses.asdict(run)
+    if run.params is not None:  # options added later, at their old behaviour, leave the spec as it was
+        spec["params"] = params_spec(run.params)
     return _spec({k: v for k, v in spec.items() if k not in ("label", "paper", "nfe", "positives")})
 
 
@@ -183,12 +186,19 @@ def score_spec(wildcards):
     return _spec(spec)
 
 
+def _run_dict(run) -> dict:
+    d = dataclasses.asdict(run)
+    if run.params is not None:
+        d["params"] = params_spec(run.params)
+    return d
+
+
 def table_spec(bench, runs, **extra):
     """A table and its manifest: every row's run block (label and paper numbers included), the eval
     and teacher blocks the manifest records (less what only batches or logs), and `extra`."""
     b = BENCHES[bench]
     ev = {k: v for k, v in dataclasses.asdict(b.eval).items() if k not in EVAL_WORK_KEYS}
-    return _spec({"rows": list(runs), "runs": {r: dataclasses.asdict(b.runs[r]) for r in runs}, "eval": ev,
+    return _spec({"rows": list(runs), "runs": {r: _run_dict(b.runs[r]) for r in runs}, "eval": ev,
                   "teacher": teacher_settings(b), **extra})
 
 
