@@ -7,6 +7,8 @@ min_version("9.0")
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # every job's OpenMP threads sleep when idle (README: CPU threads)
+
 from tfd.config import ConfigError, read_yaml
 
 try:  # a YAML error named with its file, line and column (Snakemake's loader says neither)

@@ -551,8 +551,9 @@ def _fixed_compute() -> dict:
     return dict(_FIXED_COMPUTE)
 
 
-#: environment variables that change float results or the threads that compute them
-COMPUTE_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG")
+#: environment variables that change float results or the threads that compute them (OMP_WAIT_POLICY: only speed)
+COMPUTE_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "ATEN_CPU_CAPABILITY",
+                    "CUBLAS_WORKSPACE_CONFIG")
 
 
 def compute_environment() -> dict:

@@ -19,6 +19,8 @@ import torch
 
 from eval.io import compute_environment, provenance
 
+from tests.helpers import ROOT
+
 CASES = Path(__file__).parent / "cases"
 COMPUTE_KEYS = {"torch_build", "cpu_capability", "cpu_model", "threads", "interop_threads", "env",
                 "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "gpus", "cuda", "cudnn"}
@@ -124,3 +126,18 @@ def test_manifest_records_the_compute_environment_per_job(two_runs, tmp_path):
     assert m["inputs"]["teacher"]["sha256"] == sha256(teacher)
     assert m["runs"]["onestep_init"]["made_by"] == {"sample": None}  # nothing sampled or scored there
     check_compute(m["written_by"]["versions"]["compute"])
+
+
+@pytest.mark.parametrize("preset,want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_when_idle_unless_the_user_chose(preset, want):
+    """`import tfd` before torch sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep rather than
+    spin against other processes) unless the variable is already set; the DAG sets it too."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import tfd, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
+    assert 'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")' in (ROOT / "Snakefile").read_text()
