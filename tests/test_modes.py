@@ -227,3 +227,21 @@ def test_dag_dry_run_lists_the_shapes_jobs(tmp_path, run_snakemake):
     r = run_snakemake(tmp_path, "-n", "--quiet", "rules", "all")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "table_modes" not in r.stdout + r.stderr and "score_modes" not in r.stdout + r.stderr
+
+
+def test_modes_figure(tmp_path):
+    from tfd.figures import main, mode_mass_by_rank
+
+    u8, y, _ = M.shapes_dataset(n_per_class=100)
+    np.savez(tmp_path / "real.npz", arr_0=u8, arr_1=y, seeds=np.arange(len(y)))
+    top = M.TRUE_FREQ.argmax(1)
+    col = np.stack([M.render(c, top[c] // 4, top[c] % 4) for c in y])
+    col[:10] = 0                                                            # 10 blank: off-mode
+    np.savez(tmp_path / "collapsed.npz", arr_0=col, arr_1=y, seeds=np.arange(len(y)))
+    by_rank, off = mode_mass_by_rank(u8, y)
+    assert np.allclose(by_rank, np.sort(M.TRUE_FREQ[0])[::-1], atol=0.006) and off == 0
+    by_rank, off = mode_mass_by_rank(col, y)
+    assert by_rank[1:].sum() == 0 and off == pytest.approx(10 / 400) and by_rank[0] == pytest.approx(1 - off)
+    main(["modes", "--samples", f"real={tmp_path / 'real.npz'}", f"collapsed={tmp_path / 'collapsed.npz'}",
+          "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.pdf").stat().st_size > 0
