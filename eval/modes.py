@@ -22,7 +22,11 @@ most `COLOUR_TOL` (80) away, and every foreground pixel's nearest palette colour
 colour. Anything else (blank, noise, two shapes, a shape off the grid, mixed colours) is off-mode.
 
 The real data (`shapes_dataset`) holds each sub-mode in its true proportion exactly (largest-
-remainder quotas of `n_per_class` images per class) in an order shuffled with a fixed seed.
+remainder quotas of `n_per_class` images per class) in an order shuffled with a fixed seed, each
+pixel with intensity jitter the rule cannot mistake (`jitter`): background channels 0..25, a
+foreground pixel's palette channel 215..255 and its other channels 0..25 (so its largest channel is
+>= 215 >= FG_THRESHOLD and it is at most 53 from its palette colour, < COLOUR_TOL). Without it the
+4,800 images would be 48 distinct ones, and the k-NN balls of precision/recall would have radius 0.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ FG_THRESHOLD = 128                                  # foreground: max channel >=
 COLOUR_TOL = 80.0                                   # max Euclidean distance (uint8 units) to the palette colour
 RARE_MAX_FREQ = 0.0365                              # rare: true frequency <= this (ranks 9..12 of each class)
 DATA_SEED = 0
+JITTER_LOW = 25                                     # jitter: channels that are 0 in `render` -> 0..25
+JITTER_HIGH = 215                                   # jitter: channels that are 255 in `render` -> 215..255
 DATA_PER_CLASS = 1200                               # 4,800 real images
 
 
@@ -92,6 +98,15 @@ def render(shape: int, colour: int, position: int) -> np.ndarray:
     return img
 
 
+def jitter(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-pixel intensity jitter of `render` images (uint8 [N, 8, 8, 3], channels 0 or 255): each 0
+    becomes uniform 0..JITTER_LOW, each 255 uniform JITTER_HIGH..255 (numpy `rng`). The rule reads
+    the result as the same mode (module docstring)."""
+    low = rng.integers(0, JITTER_LOW + 1, images.shape, dtype=np.int64)
+    high = rng.integers(JITTER_HIGH, 256, images.shape, dtype=np.int64)
+    return np.where(images == 255, high, low).astype(np.uint8)
+
+
 def quotas(n_per_class: int) -> np.ndarray:
     """[NUM_CLASSES, SUBMODES] int64 image counts, each row summing to `n_per_class`, nearest to
     `n_per_class * TRUE_FREQ` (largest remainder; ties to the lower sub-mode id)."""
@@ -108,7 +123,7 @@ def shapes_dataset(n_per_class: int = DATA_PER_CLASS,
                    seed: int = DATA_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The real images: `(images uint8 [N, 8, 8, 3], labels int64 [N] (shape), submodes int64 [N])`,
     N = 4 * `n_per_class`, each sub-mode in its `quotas` count, shuffled by numpy
-    `default_rng(seed)`. UserError for `n_per_class` < 1."""
+    `default_rng(seed)`, then `jitter`ed by `default_rng([seed, 1])`. UserError for `n_per_class` < 1."""
     if n_per_class < 1:
         raise UserError(f"shapes: n_per_class must be >= 1, got {n_per_class}")
     counts = quotas(n_per_class)
@@ -118,7 +133,7 @@ def shapes_dataset(n_per_class: int = DATA_PER_CLASS,
     labels, subs = labels[order].astype(np.int64), subs[order].astype(np.int64)
     table = np.stack([np.stack([render(c, s // len(POSITIONS), s % len(POSITIONS)) for s in range(SUBMODES)])
                       for c in range(NUM_CLASSES)])          # [C, 12, 8, 8, 3]
-    return table[labels, subs], labels, subs
+    return jitter(table[labels, subs], np.random.default_rng([seed, 1])), labels, subs
 
 
 def shapes_arrays(split: str = "all", holdout: float = 0.2, seed: int = DATA_SEED,

@@ -22,12 +22,23 @@ def real():
 def test_rule_reads_every_real_image_exactly(real):
     u8, y, s = real
     assert u8.shape == (4 * M.DATA_PER_CLASS, 8, 8, 3) and u8.dtype == np.uint8
+    assert len(np.unique(u8.reshape(len(u8), -1), axis=0)) == len(u8)  # jittered: no two alike
     m = M.read_modes(u8)
     assert (m[:, 0] == y).all() and (M.submode_id(m[:, 1], m[:, 2]) == s).all()
     for c in range(M.NUM_CLASSES):  # every mode is rendered, and read back
         for sub in range(M.SUBMODES):
             img = M.render(c, sub // 4, sub % 4)
             assert M.read_modes(img[None])[0].tolist() == [c, sub // 4, sub % 4]
+
+
+def test_jitter_extremes_read_exactly():
+    """The worst cases of `jitter` (every channel at an end of its range) keep their mode."""
+    for c in range(M.NUM_CLASSES):
+        for sub in range(M.SUBMODES):
+            img = M.render(c, sub // 4, sub % 4)
+            for lo, hi in ((0, 255), (M.JITTER_LOW, M.JITTER_HIGH), (0, M.JITTER_HIGH), (M.JITTER_LOW, 255)):
+                j = np.where(img == 255, hi, lo).astype(np.uint8)
+                assert M.read_modes(j[None])[0].tolist() == [c, sub // 4, sub % 4]
 
 
 def test_true_frequencies_and_data_quotas(real):
