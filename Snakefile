@@ -36,5 +36,6 @@ rule all:
         "results/table1.csv",
         "results/table1.html",
         [f"results/table2.{ext}" for ext in ("csv", "html")] if TEXT_BENCH else [],
+        [f"results/table_modes.{ext}" for ext in ("csv", "html")] if MODES_BENCH else [],
         [f"results/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("csv", "html")],
         all_figures(),

@@ -1,4 +1,6 @@
-"""The domain feature network of the embedded `digits` benchmark (8x8 grayscale, 10 classes).
+"""The domain feature network of the embedded benchmarks: `digits` (8x8 grayscale, 10 classes) and,
+the same network on other data (`DATA`), `shapes` (8x8 RGB, its 48 modes as the classes; feature
+extractor `shapes`, metrics `fid_shapes`, ...).
 
 A small CNN classifier trained on `eval.digits_data.digits_arrays('train')`; its 64-d penultimate
 layer is the feature space of `fid_digits` / `precision_digits` / `recall_digits`, and its argmax
@@ -30,6 +32,22 @@ from eval.sample import dequantise_edm
 
 FORMAT = "tfd-digits-net-v1"
 DAG_RULE = "digits_feature_net"
+
+
+def _data_arrays(data: str, split: str):
+    """(images float32 NCHW in [-1, 1], labels int64) of a feature network's training `data`."""
+    if data == "digits":
+        return digits_arrays(split)
+    from eval.modes import shapes_arrays
+    return shapes_arrays(split, mode_labels=True)
+
+
+# data -> (architecture defaults, max_shift default, what the labels are)
+DATA = {
+    "digits": ({}, 1, "eval.digits_data.digits_arrays('train'), held-out digits_arrays('test')"),
+    "shapes": ({"num_classes": 48, "img_channels": 3}, 0,
+               "eval.modes.shapes_arrays('train', mode_labels=True) (the 48 modes as classes), held-out 'test'"),
+}
 
 
 class DigitsNet(nn.Module):
@@ -86,11 +104,14 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int =
 
 
 def train_digits_net(out_path: str | os.PathLike, seed: int = 0, epochs: int = 15, batch_size: int = 64,
-                     lr: float = 2e-3, max_shift: int = 1, num_threads: int | None = 1, verbose: bool = False,
-                     **arch) -> dict:
-    """Train the digits feature network on `digits_arrays('train')` and save it to `out_path`.
+                     lr: float = 2e-3, max_shift: int | None = None, num_threads: int | None = 1,
+                     verbose: bool = False, data: str = "digits", **arch) -> dict:
+    """Train the feature network on `data`'s train split and save it to `out_path`: `digits`
+    (`digits_arrays('train')`, 10 classes) or `shapes` (`eval.modes.shapes_arrays('train')`, the 48
+    modes as classes, RGB); UserError for another `data`. The data is recorded in the file (`data`).
 
-    Light augmentation: random shifts of up to `max_shift` pixels. Adam with a cosine learning-rate
+    Light augmentation: random shifts of up to `max_shift` pixels (default: 1 for digits, 0 for
+    shapes, whose position is part of the label). Adam with a cosine learning-rate
     decay. Evaluated on the fixed held-out split `digits_arrays('test')`. The safetensors file is
     written atomically (`eval.io.atomic_save_safetensors`). Returns `dict(test_acc, train_acc,
     train_seconds, epochs, seed, path, sha256)`.
@@ -102,18 +123,22 @@ def train_digits_net(out_path: str | os.PathLike, seed: int = 0, epochs: int = 1
     prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
+    if data not in DATA:
+        raise UserError(f"unknown feature-network data {data!r}: expected one of {sorted(DATA)}")
+    arch = {**DATA[data][0], **arch}
+    max_shift = DATA[data][1] if max_shift is None else max_shift
     try:
-        return _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch)
+        return _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch, data)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch) -> dict:
+def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch, data="digits") -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    xtr, ytr = (torch.from_numpy(a) for a in digits_arrays("train"))
-    xte, yte = (torch.from_numpy(a) for a in digits_arrays("test"))
+    xtr, ytr = (torch.from_numpy(a) for a in _data_arrays(data, "train"))
+    xte, yte = (torch.from_numpy(a) for a in _data_arrays(data, "test"))
     net = DigitsNet(**arch)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0)
     steps_per_epoch = (len(xtr) + batch_size - 1) // batch_size
@@ -145,9 +170,9 @@ def _train(out_path, seed, epochs, batch_size, lr, max_shift, verbose, arch) -> 
         "train_acc": repr(train_acc),
         "n_test": str(len(xte)),
         "train": json.dumps(dict(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, max_shift=max_shift,
-                                 data="eval.digits_data.digits_arrays('train'), held-out digits_arrays('test')"),
-                            sort_keys=True),
+                                 data=DATA[data][2]), sort_keys=True),
         "torch": torch.__version__,
+        **({"data": data} if data != "digits" else {}),   # digits files stay byte-identical
     }
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     atomic_save_safetensors(state, out_path, meta)  # byte-reproducible (one sorted metadata key)
@@ -182,6 +207,7 @@ def load_digits_net(path: str | os.PathLike, device: str | torch.device = "cpu")
     net = DigitsNet(**json.loads(meta["arch"]))
     net.load_state_dict(load_safetensors(path, "digits feature network")[0], strict=True)
     net.test_acc = float(meta.get("test_acc", "nan"))
+    net.data = meta.get("data", "digits")
     net.requires_grad_(False)
     return net.eval().to(device)
 

@@ -19,6 +19,9 @@ Entries (config keys in brackets):
   torch-fidelity's own `feature_extractor_weights_path` kwarg), so torch-fidelity's
   `calculate_metrics(..., feature_extractor='digits-net')` runs through its real code path; and
   `DigitsExtractor.cleanfid_fn()` is the same network as a clean-fid `custom_feat_extractor`.
+* `shapes` [`shapes_weights_path`]: the same network trained on the `shapes` benchmark's 48 modes
+  (`eval.digits_net.train_digits_net(data='shapes')`), 64-d penultimate features of 8x8 RGB
+  inputs taken as they are (`ShapesExtractor`). Metrics `fid_shapes`, `precision_shapes`, ...
 * `inception` [`feature_extractor_weights_path`]: torch-fidelity's TF-compatible Inception
   (`inception-v3-compat`, 2048-d pool features). Weights: torch-fidelity's release asset
   `weights-inception-2015-12-05-6726825d.pth`.
@@ -711,6 +714,35 @@ class CmmdClipExtractor(FeatureExtractor):
 
 
 # ----------------------------------------------------------------------------------------------
+# shapes
+
+SHAPES_RULE = "uint8 RGB 8x8, as is -> u8/127.5-1 float32"
+
+
+class ShapesExtractor(FeatureExtractor):
+    batch_size = 1000
+
+    def __init__(self, weights_path: str | os.PathLike, device: str | torch.device = "cpu"):
+        """`weights_path`: a feature network trained on the shapes data (`train_digits_net(data=
+        'shapes')`; FileNotFoundError naming the DAG rule when absent, UserError for a network of
+        other data); `device`: where it runs. Takes uint8 [B, 3, 8, 8] images (UserError otherwise)."""
+        self.weights_path = Path(weights_path)
+        self.net = load_digits_net(self.weights_path, device=device)
+        if self.net.data != "shapes":
+            raise UserError(f"{weights_path}: a feature network of {self.net.data!r} data, not of 'shapes' "
+                            "(build it with `tfd train-feature-net --data shapes`)")
+        self.device, self.name, self.dim = device, "shapes", self.net.feat_dim
+        self.provenance = {"extractor": "shapes", "weights": str(self.weights_path),
+                           "sha256": file_sha256(self.weights_path), "layer": "penultimate", "dim": self.dim,
+                           "resolution": "8x8", "preprocessing": SHAPES_RULE, "test_acc": self.net.test_acc}
+
+    def _features_u8(self, u8: torch.Tensor) -> torch.Tensor:
+        if tuple(u8.shape[1:]) != (3, 8, 8):
+            raise UserError(f"the shapes feature network takes 8x8 RGB images, got [C, H, W] = {list(u8.shape[1:])}")
+        return self.net.features(dequantise_edm(u8.to(self.device)))
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 
 
@@ -723,6 +755,16 @@ def _build_digits(config):
         raise missing_net_error(value)
     return DigitsExtractor(value, device=(config or {}).get("device", "cpu"),
                            input_size=(config or {}).get("digits_input_size") or 8)
+
+
+def _build_shapes(config):
+    value = (config or {}).get("shapes_weights_path")
+    if not value:
+        raise FileNotFoundError("no weights for the shapes feature network (`shapes_weights_path`): the workflow's "
+                                "rule digits_feature_net builds them, or `tfd train-feature-net --data shapes`")
+    if not Path(value).is_file():
+        raise missing_net_error(value)
+    return ShapesExtractor(value, device=(config or {}).get("device", "cpu"))
 
 
 def _build_inception(config):
@@ -756,6 +798,7 @@ def _build_cmmd_clip(config):
 
 EXTRACTORS: dict[str, Callable[[Mapping | None], FeatureExtractor]] = {
     "digits": _build_digits,
+    "shapes": _build_shapes,
     "inception": _build_inception,
     "clean-fid": _build_cleanfid,
     "dinov2": _build_dinov2,
@@ -776,7 +819,8 @@ def get_extractor(name: str, config: Mapping | None = None) -> FeatureExtractor:
     return EXTRACTORS[name](config)
 
 
-WEIGHTS_KEY = {"digits": "digits_weights_path", "inception": "feature_extractor_weights_path",
+WEIGHTS_KEY = {"digits": "digits_weights_path", "shapes": "shapes_weights_path",
+               "inception": "feature_extractor_weights_path",
                "clean-fid": "cleanfid_weights_path", "dinov2": "dinov2_checkpoint",
                "cmmd_clip": "cmmd_clip_checkpoint"}
 

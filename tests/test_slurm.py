@@ -151,7 +151,8 @@ def test_paper_dag_dry_run(paper_dir, teacher_ext, run_snakemake):
 
     # each job's resources are the profile's: default-resources, then set-resources of its rule
     prof = profile()
-    assert prof["executor"] == "slurm" and prof["config"] == {"benchmark": "imagenet64", "text_benchmark": "coco2014"}
+    assert prof["executor"] == "slurm" and prof["config"] == {"benchmark": "imagenet64", "text_benchmark": "coco2014",
+                                                     "modes_benchmark": None}
     gpu_partition = prof["set-resources"]["distill"]["slurm_partition"]
     for j in jobs:
         want = {**prof["default-resources"], **prof["set-resources"].get(j["rule"], {})}

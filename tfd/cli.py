@@ -22,7 +22,8 @@ def _cfg(args):
     """(config, the benchmark this command works on). `--bench X` makes X the config's only active
     benchmark (`benchmark: X`, no `text_benchmark`): a command works on one benchmark."""
     from tfd.config import load_config
-    overrides = {"benchmark": args.bench, "text_benchmark": None} if getattr(args, "bench", None) else None
+    overrides = ({"benchmark": args.bench, "text_benchmark": None, "modes_benchmark": None}
+                 if getattr(args, "bench", None) else None)
     cfg = load_config(_config_files(args), overrides)
     return cfg, cfg.bench()
 
@@ -63,8 +64,8 @@ def cmd_train_teacher(args):
 
 def cmd_train_feature_net(args):
     from eval.digits_net import train_digits_net
-    info = train_digits_net(args.out, seed=args.seed)
-    print(f"digits feature net: held-out accuracy {info['test_acc']:.4f} -> {args.out}")
+    info = train_digits_net(args.out, seed=args.seed, data=args.data)
+    print(f"{args.data} feature net: held-out accuracy {info['test_acc']:.4f} -> {args.out}")
 
 
 def _extractor(args, b):
@@ -74,7 +75,8 @@ def _extractor(args, b):
     from tfd.config import ConfigError
     weights = args.feature_weights or b.eval.extractor_weights
     if weights is None:
-        built = " (the workflow builds it: rule digits_feature_net)" if b.eval.feature_extractor == "digits" else ""
+        built = (" (the workflow builds it: rule digits_feature_net)"
+                 if b.eval.feature_extractor in ("digits", "shapes") else "")
         raise ConfigError(f"the {b.eval.feature_extractor!r} feature extractor needs its weights: pass "
                           f"--feature-weights PATH or set eval.{b.eval.weights_key}{built}")
     return build_extractor(b.eval.feature_extractor, weights_path=weights, device=args.device or default_device(),
@@ -437,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate config.yaml and exit")
     s = add("train-teacher", cmd_train_teacher, "train the embedded teacher with the EDM loss")
     s.add_argument("--out", required=True, help="output safetensors (EDM format)")
-    s = add("train-feature-net", cmd_train_feature_net, "train the digits domain feature network (fid_digits)",
-            config=False)
+    s = add("train-feature-net", cmd_train_feature_net,
+            "train the domain feature network (fid_digits; --data shapes: fid_shapes)", config=False)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", default="digits", choices=["digits", "shapes"],
+                   help="training data: the digits (10 classes) or the shapes benchmark (its 48 modes as classes)")
     s = add("ref-stats", cmd_ref_stats, "reference feature statistics of the benchmark's real data")
     s.add_argument("--out", required=True)
     s.add_argument("--feature-weights", default=None, metavar="PATH",
@@ -543,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-model-config", default=None,
                    help="clip_score: open_clip model-config JSON of a custom architecture "
                         "(default: eval.clip_model_config)")
-    s = add("table", cmd_table, "render results/table1.csv (or table2.csv) from the metric files")
+    s = add("table", cmd_table, "render results/table1.csv (or table2.csv) from the metric files; with --bench "
+            "shapes, results/table_modes.csv (the table1 rows of that benchmark)")
     s.add_argument("--table", default="table1", choices=["table1", "table2"],
                    help="which table: table1 (class benchmark rows) or table2 (text benchmark rows)")
     s.add_argument("--results-dir", default="results")

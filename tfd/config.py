@@ -129,11 +129,12 @@ def to_dict(obj) -> Any:
 
 @dataclass
 class DataCfg:
-    """The real data. Class-conditional: `digits` (sklearn, embedded) or `edm_zip` (EDM's dataset
-    zip at `path`). Text-to-image: `digits_text` (embedded: digits with measured-attribute captions,
+    """The real data. Class-conditional: `digits` (sklearn, embedded), `shapes` (embedded, generated:
+    8x8 RGB shapes whose modes a rule reads, `eval.modes`) or `edm_zip` (EDM's dataset zip at `path`).
+    Text-to-image: `digits_text` (embedded: digits with measured-attribute captions,
     written by the DAG in COCO format) or `coco` (`captions_json` = COCO-2014's
     captions_val2014.json, `images_dir` = its val2014/ folder)."""
-    kind: typing.Literal["digits", "edm_zip", "digits_text", "coco"] = "digits"
+    kind: typing.Literal["digits", "shapes", "edm_zip", "digits_text", "coco"] = "digits"
     path: Optional[str] = None            # edm_zip: EDM dataset zip (dataset.json labels + PNGs)
     captions_json: Optional[str] = None   # coco: captions_val2014.json (COCO captions format)
     images_dir: Optional[str] = None      # coco: the val2014/ image folder (the FID reference images)
@@ -247,7 +248,7 @@ class EvalCfg:
     base_seed: int = 0
     batch_size: int = 250
     shards: int = 1
-    feature_extractor: typing.Literal["digits", "inception", "clean-fid", "dinov2",
+    feature_extractor: typing.Literal["digits", "shapes", "inception", "clean-fid", "dinov2",
                                       "cmmd_clip"] = "digits"   # the FID feature network (eval.features)
     metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim",
                                                         "class_acc"])   # names from eval.metrics.METRICS
@@ -531,19 +532,24 @@ class BenchmarkCfg:
 @dataclass
 class Config:
     """`benchmark`: the class-conditional benchmark of Table 1 (and the default of every `tfd`
-    command); `text_benchmark`: the text-to-image benchmark of Table 2 (None: none)."""
+    command); `text_benchmark`: the text-to-image benchmark of Table 2 (None: none);
+    `modes_benchmark`: the class benchmark with known modes (data.kind `shapes`) of
+    results/table_modes.csv (None: none)."""
     benchmark: str = "digits"
     text_benchmark: Optional[str] = None
+    modes_benchmark: Optional[str] = None
     benchmarks: dict[str, BenchmarkCfg] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.text_benchmark in ("", "null", "none", "None"):  # `--config text_benchmark=null` is a string
             self.text_benchmark = None
+        if self.modes_benchmark in ("", "null", "none", "None"):
+            self.modes_benchmark = None
 
     @property
     def active(self) -> list[str]:
-        """The benchmarks the workflow builds: `benchmark` and `text_benchmark` (when set)."""
-        return list(dict.fromkeys([self.benchmark] + ([self.text_benchmark] if self.text_benchmark else [])))
+        """The benchmarks the workflow builds: `benchmark`, `text_benchmark` and `modes_benchmark` (when set)."""
+        return list(dict.fromkeys([self.benchmark] + [b for b in (self.text_benchmark, self.modes_benchmark) if b]))
 
     def bench(self, name: Optional[str] = None) -> BenchmarkCfg:
         name = name or self.benchmark
@@ -594,7 +600,7 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
 
     text = b.task == "text"
     data_kinds, teacher_kinds = (("digits_text", "coco"), ("diffusers", "train_t2i")) if text else \
-        (("digits", "edm_zip"), ("train", "edm"))
+        (("digits", "shapes", "edm_zip"), ("train", "edm"))
     if b.data.kind not in data_kinds:
         problems.append(f"{w}.data.kind: {b.data.kind!r} is not a {b.task} benchmark's data "
                         f"(use one of {list(data_kinds)}, or set {w}.task)")
@@ -634,11 +640,12 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
         elif b.data.kind == "coco":
             need("eval.clip_checkpoint", b.eval.clip_checkpoint, "for clip_score (open_clip ViT-g-14 "
                  "laion2b_s12b_b42k weights, open_clip_pytorch_model.bin)")
-    from eval.metrics import check_metric_names  # the metric registry: unknown or inapplicable names
+    from eval.metrics import MODE_METRICS, check_metric_names  # the registry: unknown or inapplicable names
     problems += [f"{w}.eval.metrics: {p}" for p in check_metric_names(b.eval.metrics, b.eval.feature_extractor)]
     for a, abl in b.ablations.items():
         problems += [f"{w}.ablations.{a}.compare: {m!r} is not one of eval.metrics ({', '.join(b.eval.metrics)})"
                      for m in abl.compare if m not in b.eval.metrics]
+    problems += _check_shapes(b, w, [m for m in b.eval.metrics if m in MODE_METRICS])
     for table in ("table1", "table2"):
         for r in getattr(b, table):
             if r not in b.runs:
@@ -695,6 +702,23 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
     return problems
 
 
+def _check_shapes(b: "BenchmarkCfg", w: str, mode_metrics: list[str]) -> list[str]:
+    """A `shapes` benchmark's fixed geometry (`eval.modes`: 4 classes, 8x8, 3 channels), and mode
+    metrics only where a rule reads the modes (data.kind `shapes`). Problems, [] if none."""
+    from eval import modes
+    problems = []
+    if mode_metrics and b.data.kind != "shapes":
+        problems.append(f"{w}.eval.metrics: {', '.join(mode_metrics)} read the modes of data.kind 'shapes' "
+                        f"images (eval.modes), but data.kind is {b.data.kind!r}")
+    if b.eval.feature_extractor == "shapes" and b.data.kind != "shapes":
+        problems.append(f"{w}.eval.feature_extractor: 'shapes' is the feature network of data.kind 'shapes'")
+    if b.data.kind == "shapes":
+        want = {"num_classes": modes.NUM_CLASSES, "resolution": modes.RESOLUTION, "channels": modes.CHANNELS}
+        problems += [f"{w}.{k}: data.kind 'shapes' has {v}, got {getattr(b, k)}" for k, v in want.items()
+                     if getattr(b, k) != v]
+    return problems
+
+
 def check(cfg: Config, files: bool = False) -> Config:
     """Cross-field checks that a schema cannot express, for the active benchmarks (`benchmark` and
     `text_benchmark`); every problem is listed in one ConfigError (e.g. all the paths a
@@ -708,6 +732,13 @@ def check(cfg: Config, files: bool = False) -> Config:
         if cfg.benchmarks[cfg.text_benchmark].task != "text":
             problems.append(f"text_benchmark: {cfg.text_benchmark!r} is not a text benchmark (its task is "
                             f"{cfg.benchmarks[cfg.text_benchmark].task!r})")
+    if cfg.modes_benchmark is not None:
+        if cfg.modes_benchmark not in cfg.benchmarks:
+            raise ConfigError(f"modes_benchmark: {cfg.modes_benchmark!r} is not defined "
+                              f"(defined: {sorted(cfg.benchmarks)})")
+        if cfg.benchmarks[cfg.modes_benchmark].data.kind != "shapes":
+            problems.append(f"modes_benchmark: {cfg.modes_benchmark!r} is not a benchmark with known modes (its "
+                            f"data.kind is {cfg.benchmarks[cfg.modes_benchmark].data.kind!r}, not 'shapes')")
     for name in cfg.active:
         problems += _check_bench(cfg, name)
     if files:

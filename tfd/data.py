@@ -1,4 +1,4 @@
-"""Datasets: the embedded `digits` benchmark and EDM's ImageNet-64 dataset zip.
+"""Datasets: the embedded `digits` and `shapes` benchmarks and EDM's ImageNet-64 dataset zip.
 
 Images are float32 NCHW in [-1, 1]; labels are int64 class indices.
 """
@@ -16,6 +16,7 @@ import torch
 
 from eval.digits_data import digits_arrays  # noqa: F401
 from eval.errors import UserError
+from eval.modes import shapes_arrays  # noqa: F401
 
 
 def load_edm_zip(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

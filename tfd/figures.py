@@ -9,6 +9,8 @@ then `os.replace`).
     diversity    per class, one row per sample file, titled with the row's max pairwise SSIM (Fig. 3)
     ablation     FID vs training iterations per ablation variant, budgets marked (Fig. 4)
     prompts      text-to-image comparison: a row per prompt (caption below), a column per method (Fig. 1)
+    modes        the `shapes` benchmark: per sample file, the sample mass of each sub-mode (by true-
+                 frequency rank, pooled over classes) and off-mode, against the true frequencies
 
 Command line: `tfd figure <kind> ...` (via `add_figure_parser`) or `python -m tfd.figures <kind> ...`.
 matplotlib (Agg backend) and pandas are imported only when a figure is drawn, so building the
@@ -378,6 +380,50 @@ def plot_prompt_grid(npz_by_label: dict, prompts, out_stem, rows=6, title: str |
 
 # ---------------------------------------------------------------- command line
 
+def mode_mass_by_rank(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The sample mass of the shapes benchmark's sub-modes by true-frequency rank, pooled over the
+    classes: (float64 [12], mean over classes of the share of samples read (`eval.modes.read_modes`)
+    as that class's rank-k sub-mode; the mean share off-mode). Comparable to the true Zipf profile,
+    which every class shares by rank (`eval.modes.TRUE_FREQ`)."""
+    from eval import modes as M
+    hist = M.class_histogram(M.read_modes(images), labels).astype(np.float64)
+    share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    order = np.argsort(-M.TRUE_FREQ, axis=1, kind="stable")          # [C, 12] sub-modes by rank
+    by_rank = np.take_along_axis(share[:, :-1], order, axis=1).mean(0)
+    return by_rank, float(share[:, -1].mean())
+
+
+def plot_modes(npz_by_label: dict, out_stem, title: str | None = None) -> dict:
+    """One panel per sample file (a table row): bars of its sample mass per sub-mode rank 1..12 and
+    off-mode (`mode_mass_by_rank`), the true frequency as a line, the rare ranks shaded. Returns
+    {label: {"by_rank": [12 floats], "off": float}}."""
+    from eval import modes as M
+    true = np.sort(M.TRUE_FREQ[0])[::-1]
+    rare_from = int((true > M.RARE_MAX_FREQ).sum())                 # ranks rare_from+1.. are rare
+    out = {}
+    plt = _plt()
+    n = len(npz_by_label)
+    fig, axes = plt.subplots(n, 1, squeeze=False, sharex=True, figsize=(6.0, 1.5 * n + 0.6))
+    x = np.arange(1, M.SUBMODES + 2)
+    for ax, (label, path) in zip(axes[:, 0], npz_by_label.items()):
+        by_rank, off = mode_mass_by_rank(*load_samples(path))
+        out[label] = {"by_rank": [float(v) for v in by_rank], "off": off}
+        ax.bar(x[:-1], by_rank, color="tab:blue", label="samples")
+        ax.bar(x[-1], off, color="tab:red", label="off-mode")
+        ax.plot(x[:-1], true, "k.-", lw=1, label="true")
+        ax.axvspan(rare_from + 0.5, M.SUBMODES + 0.5, color="0.9", zorder=0)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_ylim(0, 1)
+        ax.set_title(label, fontsize="small", loc="left")
+    axes[-1, 0].set_xticks(x, [str(k) for k in x[:-1]] + ["off"])
+    axes[-1, 0].set_xlabel("sub-mode, by true frequency rank (shaded: rare); mean over classes")
+    axes[0, 0].legend(fontsize="x-small", ncol=3, loc="upper right")
+    fig.suptitle(title or "Sample mass per sub-mode vs the true frequency", fontsize="medium")
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+    return out
+
+
 def _cmd_convergence(args):
     res = plot_convergence(args.csv, args.out, thresholds=args.thresholds, x=args.x, title=args.title)
     print(f"convergence figure ({len(res)} runs) -> {_stem(args.out)}.png/.pdf")
@@ -415,8 +461,15 @@ def _cmd_prompts(args):
           f"{res['prompt_ids']}) -> {_stem(args.out)}.png/.pdf")
 
 
+def _cmd_modes(args):
+    res = plot_modes(dict(args.samples), args.out, title=args.title)
+    for label, r in res.items():
+        print(f"{label}: off-mode {r['off']:.3f}, by rank " + " ".join(f"{v:.3f}" for v in r["by_rank"]))
+    print(f"modes figure -> {_stem(args.out)}.png/.pdf")
+
+
 def add_figure_commands(sub) -> None:
-    """Add the `convergence`, `samples`, `diversity`, `ablation`, `prompts` subcommands to `sub`."""
+    """Add the `convergence`, `samples`, `diversity`, `ablation`, `prompts`, `modes` subcommands to `sub`."""
     out_help = "output stem: writes STEM.png and STEM.pdf"
     s = sub.add_parser("convergence", help="FID vs training iterations per run (paper Fig. 2)")
     s.add_argument("--csv", required=True, help="convergence csv (tfd table --convergence)")
@@ -458,6 +511,13 @@ def add_figure_commands(sub) -> None:
     s.add_argument("--out", required=True, help=out_help)
     s.add_argument("--title", default=None)
     s.set_defaults(fn=_cmd_prompts)
+    s = sub.add_parser("modes", help="shapes benchmark: sample mass per sub-mode vs the true frequency, "
+                                     "a panel per row")
+    s.add_argument("--samples", type=parse_label_path, nargs="+", required=True, metavar="LABEL=NPZ",
+                   help="one or more LABEL=NPZ (split at the last '='), one panel each, in order")
+    s.add_argument("--out", required=True, help=out_help)
+    s.add_argument("--title", default=None)
+    s.set_defaults(fn=_cmd_modes)
 
 
 def add_figure_parser(sub) -> argparse.ArgumentParser:
@@ -469,7 +529,8 @@ def add_figure_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    """`python -m tfd.figures <convergence|samples|diversity|ablation|prompts> ...` (a leading `figure` is allowed)."""
+    """`python -m tfd.figures <convergence|samples|diversity|ablation|prompts|modes> ...` (a leading `figure`
+    is allowed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["figure"]:
         argv = argv[1:]

@@ -8,7 +8,7 @@ import torch
 from eval.conditions import ClassConditions, PromptTable, load_prompt_table
 from eval.errors import BadFile, UserError
 from tfd.config import BenchmarkCfg, ConfigError
-from tfd.data import ClassBalancedSampler, digits_arrays, load_edm_zip
+from tfd.data import ClassBalancedSampler, digits_arrays, load_edm_zip, shapes_arrays
 from tfd.denoiser import Denoiser, load_denoiser
 from tfd.sampling import heun_sampler, one_step_sampler
 
@@ -17,6 +17,8 @@ def load_data(b: BenchmarkCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The benchmark's real training data: images `[N, C, H, W]` float32 in [-1, 1], labels `[N]` int64."""
     if b.data.kind == "digits":
         x, y = digits_arrays("all")
+    elif b.data.kind == "shapes":
+        x, y = shapes_arrays("all")
     else:
         x, y = load_edm_zip(b.data.path)
     return torch.from_numpy(x), torch.from_numpy(y)

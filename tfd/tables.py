@@ -392,6 +392,13 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
     if b.compare_to is not None:
         note += (f" `vs_{b.compare_to}`: Welch's two-sided t-test of the row's "
                  f"{fid_key(b.eval.metrics)} against row `{b.compare_to}` over training seeds, 5% level.")
+    if b.data.kind == "shapes":
+        from eval.modes import RARE, RARE_MAX_FREQ
+        note += (" Modes read by an exact rule (eval.modes.read_modes), 48 = 4 classes x 12 sub-modes with Zipf "
+                 "frequencies: `modes_covered` share of modes with >= 1 sample of their class; `mode_tv` mean over "
+                 "classes of the total variation distance between the sample sub-mode histogram (+ an off bin) and "
+                 f"the true frequencies; `rare_recall` share of the {int(RARE.sum())} rare modes (true frequency <= "
+                 f"{RARE_MAX_FREQ:.2%}) hit; `off_mode` share of samples not read as a mode of their class.")
     if b.task == "text":
         clip = f"open_clip `{b.eval.clip_model}`" + (" trained on this benchmark's captions by the workflow, not the "
                                                     "paper's ViT-g-14" if b.data.kind == "digits_text" else "")

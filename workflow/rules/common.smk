@@ -61,6 +61,9 @@ FIGURES_DIR = "results/figures"
 # ... and the text-to-image benchmark of Table 2 (None: not built).
 TEXT_BENCH = CFG.text_benchmark
 TEXT_CFG = BENCHES.get(TEXT_BENCH)
+# ... and the benchmark with known modes (data.kind shapes) of results/table_modes.csv (None: not built).
+MODES_BENCH = CFG.modes_benchmark
+MODES_CFG = BENCHES.get(MODES_BENCH)
 
 
 def _resolved_config_file():
@@ -237,13 +240,17 @@ def bench_teacher(wildcards):
 
 
 def feature_weights_file(bench=None):
-    """The FID feature network's weights: built by the DAG (the digits network), else the configured
-    eval.feature_extractor_weights_path (an input: editing the path or replacing the file reruns)."""
+    """The FID feature network's weights: built by the DAG (the digits network, or the same network on
+    the shapes data), else the configured eval.feature_extractor_weights_path (an input: editing the
+    path or replacing the file reruns)."""
     bench = bench or BENCH
     e = BENCHES[bench].eval
-    if e.feature_extractor == "digits":
-        return f"results/{bench}/feature_net/digits_net.safetensors"
+    if e.feature_extractor in FEATURE_NETS:
+        return f"results/{bench}/feature_net/{e.feature_extractor}_net.safetensors"
     return e.extractor_weights or []  # eval.feature_extractor_weights_path, or dinov2/cmmd_clip_checkpoint
+
+
+FEATURE_NETS = ("digits", "shapes")  # domain feature networks the DAG trains (rule digits_feature_net)
 
 
 def dataset_input(bench):
@@ -493,8 +500,21 @@ def diversity_samples(wildcards):
     return {label: f"{run_dir(sample_run(run))}/samples.npz" for label, run in ABLATIONS[wildcards.ablation].variants}
 
 
+def modes_rows():
+    """The rows of results/table_modes.csv: the modes benchmark's `table1` list, or every run that is
+    not a training replica of another (as tfd.tables.table_rows)."""
+    from tfd.tables import table_rows
+    return table_rows(MODES_CFG, "table1") if MODES_CFG is not None else []
+
+
+def modes_samples(wildcards):
+    """What the modes figure reads: each row's samples (its first training replica's)."""
+    return {r: f"{run_dir(sample_run(r, MODES_BENCH), MODES_BENCH)}/samples.npz" for r in modes_rows()}
+
+
 def all_figures():
     return ([f"{FIGURES_DIR}/convergence.png", f"{FIGURES_DIR}/convergence.pdf"]
+            + ([f"{FIGURES_DIR}/modes_{MODES_BENCH}.{ext}" for ext in ("png", "pdf")] if MODES_CFG is not None else [])
             + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in table1_runs() for ext in ("png", "pdf")]
             + [f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("png", "pdf")]
             + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")]
@@ -525,6 +545,7 @@ wildcard_constraints:
     method="|".join(sorted({re.escape(r.method) for b in BENCHES.values() for r in b.runs.values()})),
     run="|".join(sorted({re.escape(r) for b in BENCHES.values() for r in b.runs})),
     ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
+    net="|".join(FEATURE_NETS),
     k=r"\d+",
     n=r"\d+",
     key=r"[0-9a-f]{12}",

@@ -34,10 +34,13 @@ rule merge_samples:
 
 
 # One score rule per active benchmark (its metric files are its outputs): `score` for Table 1's
-# benchmark, `score_text` for Table 2's (the slurm profile sets their resources by these names).
-for _bench, _name in ((BENCH, "score"), (TEXT_BENCH, "score_text")):
-    if _bench is None or (_name == "score_text" and _bench == BENCH):
+# benchmark, `score_text` for Table 2's, `score_modes` for the benchmark with known modes (the slurm
+# profile sets their resources by these names).
+_scored = set()
+for _bench, _name in ((BENCH, "score"), (TEXT_BENCH, "score_text"), (MODES_BENCH, "score_modes")):
+    if _bench is None or _bench in _scored:
         continue
+    _scored.add(_bench)
 
     rule:
         name:

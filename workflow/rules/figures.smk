@@ -73,3 +73,22 @@ rule figure_diversity:
     shell:
         "tfd figure diversity --samples {params.samples} --classes {params.classes} --per-class {params.per_class} "
         "--out {params.out} > {log} 2>&1"
+
+
+if MODES_CFG is not None:
+
+  rule figure_modes:
+      input:
+          unpack(modes_samples),
+      output:
+          png=report(f"{FIGURES_DIR}/modes_{MODES_BENCH}.png", caption="../report/modes.rst", category="3. Figures"),
+          pdf=f"{FIGURES_DIR}/modes_{MODES_BENCH}.pdf",
+      params:
+          samples=lambda wc, input: " ".join(shlex.quote(f"{MODES_CFG.runs[k].label or k}={input[k]}")
+                                             for k in input.keys()),
+          title=shlex.quote(f"{MODES_BENCH}: sample mass per sub-mode vs the true frequency"),
+          out=out_stem,
+      log:
+          f"logs/{MODES_BENCH}/figure_modes.log",
+      shell:
+          "tfd figure modes --samples {params.samples} --title {params.title} --out {params.out} > {log} 2>&1"

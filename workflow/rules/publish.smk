@@ -10,6 +10,7 @@ PUBLISHED = (
     [f"results/table1.{ext}" for ext in ("csv", "md", "html", "manifest.json")]
     + ["results/convergence.csv"]
     + ([f"results/table2.{ext}" for ext in ("csv", "md", "html", "manifest.json")] if TEXT_BENCH else [])
+    + ([f"results/table_modes.{ext}" for ext in ("csv", "md", "html", "manifest.json")] if MODES_BENCH else [])
     + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (".csv", ".md", ".html", ".manifest.json", "_curves.csv")]
     + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
 )

@@ -43,3 +43,27 @@ rule ablation_table:
         "OMP_NUM_THREADS={threads} tfd ablation --config {CONFIG_FILE} --bench {params.bench} --no-progress "
         "--name {wildcards.ablation} --out {output.csv} "
         "--curves {output.curves} --manifest {output.manifest} {params.inputs} > {log} 2>&1"
+
+
+if MODES_CFG is not None:
+
+  rule table_modes:  # the benchmark with known modes: `tfd table --bench <modes_benchmark>`, its table1 rows
+      input:
+          run_outputs(modes_rows(), MODES_BENCH),
+          teacher=teacher_file(MODES_BENCH),
+          ref_stats=ref_stats_file(MODES_BENCH),
+          feature_weights=feature_weights_file(MODES_BENCH),
+      output:
+          csv="results/table_modes.csv",
+          md="results/table_modes.md",
+          html=report("results/table_modes.html", caption="../report/table_modes.rst", category="1. Tables"),
+          manifest="results/table_modes.manifest.json",
+      params:
+          spec=table_spec(MODES_BENCH, modes_rows()),
+          inputs=manifest_inputs,
+          bench=MODES_BENCH,
+      log:
+          f"logs/{MODES_BENCH}/table_modes.log",
+      shell:
+          "OMP_NUM_THREADS={threads} tfd table --config {CONFIG_FILE} --bench {params.bench} --no-progress "
+          "--out {output.csv} --manifest {output.manifest} {params.inputs} > {log} 2>&1"

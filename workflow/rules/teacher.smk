@@ -34,14 +34,36 @@ elif str(BENCH_CFG.teacher.checkpoint or "").endswith(".pkl"):
           "tfd convert-edm {input} {output} > {log} 2>&1"
 
 
+if MODES_CFG is not None and MODES_BENCH != BENCH and MODES_CFG.teacher.kind == "train":
+
+  rule train_teacher_modes:  # the teacher of the benchmark with known modes (results/table_modes.csv)
+      output:
+          f"results/{MODES_BENCH}/teacher/teacher.safetensors",
+      params:
+          spec=teacher_spec(MODES_BENCH),
+          bench=MODES_BENCH,
+      log:
+          f"logs/{MODES_BENCH}/train_teacher.log",
+      threads: 2
+      resources:
+          runtime=60,
+      shell:
+          "OMP_NUM_THREADS={threads} tfd train-teacher --config {CONFIG_FILE} --bench {params.bench} --no-progress "
+          "--out {output} > {log} 2>&1"
+
+
+# The domain feature networks the DAG trains (FEATURE_NETS): digits_net on the digits, shapes_net on
+# the shapes data (its 48 modes as the classes). One rule: the slurm profile names it.
 rule digits_feature_net:
     output:
-        "results/{bench}/feature_net/digits_net.safetensors",
+        "results/{bench}/feature_net/{net}_net.safetensors",
     log:
-        "logs/{bench}/digits_feature_net.log",
+        "logs/{bench}/{net}_feature_net.log",
+    params:
+        data=lambda wc: "" if wc.net == "digits" else f"--data {wc.net}",
     threads: 1
     shell:
-        "OMP_NUM_THREADS={threads} tfd train-feature-net --no-progress --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} tfd train-feature-net --no-progress {params.data} --out {output} > {log} 2>&1"
 
 
 rule ref_stats:
