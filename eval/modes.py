@@ -57,6 +57,9 @@ DATA_SEED = 0
 JITTER_LOW = 25                                     # jitter: channels that are 0 in `render` -> 0..25
 JITTER_HIGH = 215                                   # jitter: channels that are 255 in `render` -> 215..255
 DATA_PER_CLASS = 1200                               # 4,800 real images
+#: the generated data's version: raise it with any change to how the data are drawn (render, jitter,
+#: quotas, seed) -- the DAG's teacher and feature-net specs carry it, so Snakemake reruns what used them
+DATA_VERSION = 2
 
 
 def _true_freq() -> np.ndarray:

@@ -10,6 +10,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from eval.io import atomic_write_text
+from eval.modes import DATA_VERSION as SHAPES_DATA_VERSION
 from tfd.config import Config, ConfigError, check, from_dict, input_paths, params_spec
 
 SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working directory (a copy of "
@@ -132,6 +133,8 @@ def teacher_spec(bench):
     spec = {k: t[k] for k in TEACHER_KEYS[t["kind"]]}
     if t["kind"] == "train":
         spec.update(data=dataclasses.asdict(b.data), num_classes=b.num_classes)
+        if b.data.kind == "shapes":  # generated data: a change to how they are drawn reruns the teacher
+            spec["data_version"] = SHAPES_DATA_VERSION
     return _spec(spec)
 
 
@@ -250,7 +253,7 @@ def feature_weights_file(bench=None):
     return e.extractor_weights or []  # eval.feature_extractor_weights_path, or dinov2/cmmd_clip_checkpoint
 
 
-FEATURE_NETS = ("digits", "shapes")  # domain feature networks the DAG trains (rule digits_feature_net)
+FEATURE_NETS = ("digits", "shapes")  # domain feature networks the DAG trains (rules digits_/shapes_feature_net)
 
 
 def dataset_input(bench):
@@ -545,7 +548,6 @@ wildcard_constraints:
     method="|".join(sorted({re.escape(r.method) for b in BENCHES.values() for r in b.runs.values()})),
     run="|".join(sorted({re.escape(r) for b in BENCHES.values() for r in b.runs})),
     ablation="|".join(sorted(map(re.escape, ABLATIONS))) or "^$",
-    net="|".join(FEATURE_NETS),
     k=r"\d+",
     n=r"\d+",
     key=r"[0-9a-f]{12}",
