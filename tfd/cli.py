@@ -368,7 +368,8 @@ def cmd_score(args):
     from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
-    clip = {"bootstrap": b.eval.bootstrap, "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
+    clip = {"bootstrap": b.eval.bootstrap, "diversity_per_condition": b.eval.diversity_per_condition,
+            "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
             "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
             "clip_model_config": args.clip_model_config or b.eval.clip_model_config}
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,

@@ -244,6 +244,8 @@ class EvalCfg:
     fid_thresholds: list[float] = field(default_factory=list)  # table: iterations to reach each FID (Fig. 2)
     convergence_samples: int = 500                       # samples per point of a convergence record (train.eval_every)
     bootstrap: int = 100                                 # FID's interval over the sample images: resamples (0: none)
+    diversity_per_condition: int = 0                     # diversity_* metrics (DP-DMD): first R samples of each
+                                                         # condition in seed order (0: all; DP-DMD uses R = 9)
     # text-to-image (DMD2's COCO protocol): generated and real images centre-cropped and LANCZOS-resized
     # to `resolution` before FID (None: as generated); CLIP score with open_clip from a local checkpoint
     resolution: Optional[int] = None
