@@ -310,6 +310,7 @@ class RunCfg:
     paper: dict[str, float] = field(default_factory=dict)   # the paper's reported numbers (shown as paper_*)
     positives: dict[str, Any] = field(default_factory=dict)  # text runs: overrides of the benchmark's positives
     seeds: Optional[list[int]] = None     # training replicas `<run>@s<k>` (train.seed = k); tables: mean and 95% CI
+    addons: Any = None                    # training runs: generator-loss add-ons (tfd.addons.AddonsCfg: el_style)
 
     def resolve(self, where: str) -> "RunCfg":
         """Type the `sampler` / `train` / `params` blocks in place; ConfigError naming `where.<block>`."""
@@ -345,6 +346,16 @@ class RunCfg:
                                 ("train", TrainCfg, trains), ("params", params_cls, trains)):
             try:
                 typed[name] = block(name, cls, used)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.addons in (None, {}):
+            self.addons = None
+        elif not trains:
+            problems.append(f"{where}.addons: a {self.method!r} row takes no addons (only training runs)")
+        elif isinstance(self.addons, dict):
+            from tfd.addons import AddonsCfg
+            try:
+                self.addons = from_dict(AddonsCfg, self.addons, f"{where}.addons")
             except ConfigError as e:
                 problems.append(str(e))
         if problems:

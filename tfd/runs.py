@@ -115,7 +115,10 @@ def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu"
     # Networks a method creates (DMD2's GAN head) draw their initial weights from torch's global
     # RNG, which is seeded at random in every new process: seed it, identically on every rank.
     torch.manual_seed(seed)
-    return get_method(run.method)(teacher, data, run.params, device=device)
+    method = get_method(run.method)(teacher, data, run.params, device=device)
+    from tfd.addons import build_addons  # generator-loss add-ons (runs.<run>.addons), applied by the trainer
+    method.addons = build_addons(run.addons, teacher.sample_shape, device)
+    return method
 
 
 def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, generator_path: str | Path | None,

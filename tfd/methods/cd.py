@@ -146,6 +146,11 @@ class CD(Method):
         return StepOutput(losses={"generator": loss},
                           metrics={"loss": loss.item(), "sigma_mean": t.mean().item()})
 
+    def generate(self, z, cond):
+        """One step x = f(s z, s) of the online network, s = its sigma_max (as `sampler_for`)."""
+        s = float(self.online.sigma_max)
+        return consistency_fn(self.online, z * s, s, cond)
+
     @classmethod
     def sampler_for(cls, generator, params):
         """One step x = f(s z, s), s = the generator's sigma_max, from an exported generator

@@ -99,10 +99,19 @@ def _spec(d) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def run_block(run) -> dict:
+    """A run's resolved block as a dict; `addons` only when the run has some (so that runs without
+    add-ons keep the params they were made with)."""
+    d = dataclasses.asdict(run)
+    if d.get("addons") is None:
+        d.pop("addons", None)
+    return d
+
+
 def run_spec(wildcards):
     """The run's resolved config block as a param: editing it reruns that run only (its label, paper
     numbers and nfe are the tables' business, its positives overrides reach it as the positives cache)."""
-    spec = dataclasses.asdict(BENCHES[wildcards.bench].runs[wildcards.run])
+    spec = run_block(BENCHES[wildcards.bench].runs[wildcards.run])
     return _spec({k: v for k, v in spec.items() if k not in ("label", "paper", "nfe", "positives")})
 
 
@@ -190,7 +199,7 @@ def table_spec(bench, runs, **extra):
     and teacher blocks the manifest records (less what only batches or logs), and `extra`."""
     b = BENCHES[bench]
     ev = {k: v for k, v in dataclasses.asdict(b.eval).items() if k not in EVAL_WORK_KEYS}
-    return _spec({"rows": list(runs), "runs": {r: dataclasses.asdict(b.runs[r]) for r in runs}, "eval": ev,
+    return _spec({"rows": list(runs), "runs": {r: run_block(b.runs[r]) for r in runs}, "eval": ev,
                   "teacher": teacher_settings(b), **extra})
 
 
