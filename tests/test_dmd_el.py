@@ -2,6 +2,7 @@
 features) and DP-DMD's diversity metric."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -205,3 +206,190 @@ def test_check_config_rejects_a_bad_addon_key(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"teacher_ode\.addons: a 'heun' row takes no addons"):
         load_config(tmp_path / "c.yaml")
+
+
+# -- DMD: teacher pairs ------------------------------------------------------------------------------
+
+
+def heun_by_hand(teacher, z, cond, steps):
+    """EDM's deterministic Heun sampler written out again (Karras et al. 2022, Alg. 1, rho 7), float64."""
+    import torch
+    smin, smax, rho = teacher.sigma_min, teacher.sigma_max, 7.0
+    t = [(smax ** (1 / rho) + i / (steps - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho for i in range(steps)]
+    t.append(0.0)
+    x = z.double() * t[0]
+    with torch.no_grad():
+        for i in range(steps):
+            d = (x - teacher.denoise(x.float(), t[i], cond).double()) / t[i]
+            x_next = x + (t[i + 1] - t[i]) * d
+            if t[i + 1] > 0:
+                d2 = (x_next - teacher.denoise(x_next.float(), t[i + 1], cond).double()) / t[i + 1]
+                x_next = x + (t[i + 1] - t[i]) * (d + d2) / 2
+            x = x_next
+    return x.float()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """A tiny teacher's pairs (7 pairs, 3 Heun steps) in two shards, merged."""
+    from tfd.pairs import make_pairs_shard, merge_pairs
+    d = tmp_path_factory.mktemp("pairs")
+    teacher = tiny_teacher()
+    settings = {"num": 7, "steps": 3, "seed": 5}
+    parts = [d / f"shard{k}of2.safetensors" for k in range(2)]
+    for k, p in enumerate(parts):
+        make_pairs_shard(teacher, settings, 10, (k, 2), p, teacher_sha256="ab" * 32, batch_size=2, progress=False)
+    merge_pairs(parts[::-1], d / "pairs.safetensors")  # any order
+    return d / "pairs.safetensors", settings, parts
+
+
+def test_pairs_target_is_the_teacher_ode_output_of_the_stored_noise(pairs_file):
+    import torch
+
+    from tfd.pairs import load_pairs, pair_seed, pairs_key
+    path, settings, _ = pairs_file
+    t, meta = load_pairs(path, key=pairs_key(settings), teacher_sha256="ab" * 32, sample_shape=(1, 8, 8),
+                         num_conditions=10)
+    assert meta["shards"] == 2 and t["index"].tolist() == list(range(7)) and t["cond"].tolist() == list(range(7))
+    teacher = tiny_teacher()
+    for i in range(7):  # the noise is the pair's own seed's draw; the target is the ODE from sigma_max z
+        z = torch.randn([1, 8, 8], generator=torch.Generator().manual_seed(pair_seed(5, i)))
+        assert int(t["seed"][i]) == pair_seed(5, i) and torch.equal(t["noise"][i], z)
+    ref = heun_by_hand(teacher, t["noise"], t["cond"], steps=3)
+    assert torch.allclose(t["target"], ref, rtol=1e-5, atol=1e-5)
+    assert (t["target"] - 80 * t["noise"]).abs().max() > 1  # really solved, not the input
+    # the evaluation seeds (base_seed + i) are not the pairs' noise
+    assert not torch.equal(t["noise"][0], torch.randn([1, 8, 8], generator=torch.Generator().manual_seed(0)))
+
+
+def test_pairs_reader_rejects_damaged_and_foreign_files(pairs_file, tmp_path):
+    import torch
+
+    from eval.errors import BadFile
+    from eval.io import atomic_save_safetensors
+    from tfd.pairs import load_pairs, merge_pairs
+    path, settings, parts = pairs_file
+    raw = path.read_bytes()
+    cut = tmp_path / "truncated.safetensors"
+    cut.write_bytes(raw[: len(raw) // 2])
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(raw[:-9] + bytes([raw[-9] ^ 0xFF]) + raw[-8:])
+    foreign = tmp_path / "foreign.safetensors"
+    atomic_save_safetensors({"w": torch.zeros(3)}, foreign, {"format": "something.else"})
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    lacking = tmp_path / "lacking.safetensors"
+    t, meta = load_pairs(path)
+    atomic_save_safetensors({k: v for k, v in t.items() if k != "target"}, lacking, meta)
+    nan = tmp_path / "nan.safetensors"
+    atomic_save_safetensors({**t, "target": t["target"] * float("nan")}, nan, meta)
+    for bad, why in ((cut, "readable|truncated"), (flipped, "checksum"), (foreign, "not a teacher pairs file"),
+                     (text, "readable"), (lacking, "lacks tensors"), (nan, "non-finite"),
+                     (tmp_path / "gone.safetensors", "not found")):
+        with pytest.raises(BadFile, match=why) as e:
+            load_pairs(bad)
+        assert str(bad) in str(e.value)
+    with pytest.raises(BadFile, match="other settings") as e:
+        load_pairs(path, key="0" * 12)
+    assert str(path) in str(e.value)
+    with pytest.raises(BadFile, match="another teacher"):
+        load_pairs(path, teacher_sha256="cd" * 32)
+    with pytest.raises(BadFile, match="sample shape"):
+        load_pairs(path, sample_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="do not cover"):
+        merge_pairs(parts[:1], tmp_path / "m.safetensors")
+
+
+# -- DMD: the method -----------------------------------------------------------------------------------
+
+
+def dmd(pairs_path, seed=0, **kw):
+    from tfd.methods.dmd import DMD, DMDParams
+    from tfd.pairs import load_pairs
+    p = DMDParams(**{"batch_per_rank": 4, "regression_batch_per_rank": 3, "pairs_num": 7, "pairs_steps": 3,
+                     "pairs_seed": 5, **kw})
+    return DMD(tiny_teacher(), data(seed), p, pairs=load_pairs(pairs_path)[0])
+
+
+def test_dmd_is_dm_plus_weighted_regression_every_step(pairs_file, tmp_path):
+    import torch
+
+    from tfd.methods.dmd import DMDParams
+    from tfd.trainer import Trainer
+    path = pairs_file[0]
+    m = dmd(path, regression_weight=0.5)
+    assert m.fake.head is None and DMDParams.gan is False and DMDParams.dfake_gen_update_ratio == 1
+    torch.manual_seed(0)
+    b = m.make_batch()
+    assert b["pair_z"].shape == (3, 1, 8, 8) and "gan_g_i" not in b
+    out = m.train_step(b, step=1)
+    assert list(out.losses) == ["generator", "fake_score"]   # generator on every step, first
+    with torch.no_grad():
+        x = m.generator.denoise(b["pair_z"] * 80.0, 80.0, b["pair_cond"])
+        reg = (x - b["pair_target"]).square().flatten(1).mean(1).mean()
+        dm, _ = m.dm_loss(m.generate(b["z"], b["cond"]), b["cond"], b["dm_i"], b["dm_noise"])
+    assert out.metrics["loss_reg"] == pytest.approx(reg.item(), rel=1e-5)
+    assert out.losses["generator"].item() == pytest.approx(dm.item() + 0.5 * reg.item(), rel=1e-5)
+    t = Trainer(m, train_cfg(steps=3, checkpoint_every=100), tmp_path, progress=False)
+    for _ in range(3):
+        t.train_one_step()
+    assert t.updates == {"generator": 3, "fake_score": 3}
+    h = dmd(path, regression="huber")
+    assert h.huber_c == pytest.approx(0.00054 * 8)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dmd_lpips_only_from_a_local_file(pairs_file, tmp_path):
+    import torch
+
+    from eval.errors import BadFile, UserError
+    from tfd.config import from_dict
+    from tfd.methods.dmd import DMDParams
+    with pytest.raises(UserError, match="lpips_weights.*cannot be downloaded"):
+        from_dict(DMDParams, {"regression": "lpips"})
+    with pytest.raises(BadFile, match="LPIPS weights not found") as e:
+        dmd(pairs_file[0], regression="lpips", lpips_weights=str(tmp_path / "lpips.pt"))
+    assert "not available offline" in str(e.value)
+
+    class FakeLPIPS(torch.nn.Module):  # a stand-in with LPIPS's call signature
+        def forward(self, x, y):
+            return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.jit.save(torch.jit.script(FakeLPIPS()), tmp_path / "lpips.pt")
+    m = dmd(pairs_file[0], regression="lpips", lpips_weights=str(tmp_path / "lpips.pt"))
+    a, b = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    assert torch.allclose(m.regression_distance(a, b), torch.ones(2))
+
+
+def test_dmd_resume_is_exact(pairs_file, tmp_path, crash_and_resume):
+    import torch
+
+    from tfd.addons import build_addons
+    from tfd.denoiser import load_denoiser
+
+    def make():
+        m = dmd(pairs_file[0])
+        m.addons = build_addons(el_cfg(resample=True), m.teacher.sample_shape)  # with the add-on too
+        return m
+    ref, resumed = crash_and_resume(make, train_cfg(ema_halflife_steps=2.0), tmp_path)
+    assert resumed.step == 6
+    for net_name, net in ref.nets.items():
+        other = resumed.nets[net_name].state_dict()
+        for k, v in net.state_dict().items():
+            assert torch.allclose(v, other[k], atol=1e-6, rtol=0), f"{net_name}.{k}"
+    for (k, v), v2 in zip(ref.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.allclose(v, v2, atol=1e-6, rtol=0), k
+    assert load_denoiser(tmp_path / "b" / "generator.safetensors").num_conditions == 10
+
+
+def test_tiny_dag_dry_run_lists_the_teacher_pairs_jobs(tmp_path, run_snakemake):
+    import shutil
+
+    from tests.helpers import ROOT, TINY_CONFIG
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    r = run_snakemake(tmp_path, "-n", "results/digits/dmd/dmd/generator.safetensors", "--configfile",
+                      str(TINY_CONFIG))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert re.search(r"teacher_pairs\s+2\b", out) and re.search(r"merge_teacher_pairs\s+1\b", out), out[-3000:]
+    assert re.search(r"results/digits/pairs/[0-9a-f]{12}/pairs\.safetensors", out)
+    assert not (tmp_path / "results").exists()

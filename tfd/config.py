@@ -579,6 +579,8 @@ def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[s
                 if p is not None:
                     out.update({f"{w}.runs.{r}.positives.{k}": getattr(p, k)
                                 for k in ("prompts_file", "paired_captions_json", "paired_images_dir")})
+            if run.trains and getattr(run.params, "lpips_weights", None):  # DMD's local LPIPS module
+                out[f"{w}.runs.{r}.params.lpips_weights"] = run.params.lpips_weights
             if run.method == "pipeline":
                 out.update({f"{w}.runs.{r}.sampler.pipeline": run.sampler.pipeline,
                             f"{w}.runs.{r}.sampler.unet": run.sampler.unet})

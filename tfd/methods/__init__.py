@@ -112,6 +112,7 @@ def get_method(name: str) -> type[Method]:
 
 # Registry lines: importing a module registers its method.
 from tfd.methods import cd as _cd  # noqa: E402,F401
+from tfd.methods import dmd as _dmd  # noqa: E402,F401
 from tfd.methods import dmd2 as _dmd2  # noqa: E402,F401
 from tfd.methods import drift as _drift  # noqa: E402,F401
 from tfd.methods import tfd as _tfd  # noqa: E402,F401

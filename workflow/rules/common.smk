@@ -377,12 +377,47 @@ def positives_shards(wildcards):
     return [f"results/{tb}/positives/{wildcards.key}/shard{k}of{n}.safetensors" for k in range(n)]
 
 
+# -- teacher pairs of DMD runs (tfd.pairs): one cache per distinct pair settings, shared by every run using it
+def needs_pairs(run) -> bool:
+    from tfd.methods import METHODS
+    return run.trains and getattr(METHODS.get(run.method), "needs_pairs", False)
+
+
+def pairs_path(bench, run):
+    """The teacher pairs cache a DMD run reads: results/<bench>/pairs/<key>/pairs.safetensors."""
+    from tfd.pairs import pairs_key, pairs_settings
+    return f"results/{bench}/pairs/{pairs_key(pairs_settings(BENCHES[bench].runs[run].params))}/pairs.safetensors"
+
+
+def pairs_run(bench, pkey):
+    """The first run of `bench` whose pairs cache is results/<bench>/pairs/<pkey>/ (its settings are read)."""
+    for name, run in BENCHES[bench].runs.items():
+        if needs_pairs(run) and Path(pairs_path(bench, name)).parent.name == pkey:
+            return name
+    raise WorkflowError(f"no training run of {bench} reads the teacher pairs cache {pkey}")
+
+
+def pairs_spec(wildcards):
+    """teacher_pairs: the pair settings (they name the cache), and the benchmark's conditions."""
+    from tfd.pairs import pairs_settings
+    b = BENCHES[wildcards.bench]
+    return _spec({**pairs_settings(b.runs[pairs_run(wildcards.bench, wildcards.pkey)].params),
+                  "num_classes": b.num_classes})
+
+
+def pairs_shards(wildcards):
+    """The shards merge_teacher_pairs joins (`params.pairs_shards` of the first run using the cache)."""
+    n = BENCHES[wildcards.bench].runs[pairs_run(wildcards.bench, wildcards.pkey)].params.pairs_shards
+    return [f"results/{wildcards.bench}/pairs/{wildcards.pkey}/shard{k}of{n}.safetensors" for k in range(n)]
+
+
 def distill_inputs(wildcards):
     """A text run's positives cache, training prompts and evaluation prompts (convergence record); a
-    class run's dataset file."""
+    class run's dataset file, and a DMD run's teacher pairs."""
     b = wildcards.bench
     if BENCHES[b].task != "text":
-        return dataset_input(b)
+        run = BENCHES[b].runs[wildcards.run]
+        return {**dataset_input(b), **({"pairs": pairs_path(b, wildcards.run)} if needs_pairs(run) else {})}
     paths = positives_paths(b, wildcards.run)
     return {"positives": paths["positives"], "train_prompts": paths["train_prompts"], "prompts": prompts_file(b)}
 
