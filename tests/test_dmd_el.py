@@ -393,3 +393,31 @@ def test_tiny_dag_dry_run_lists_the_teacher_pairs_jobs(tmp_path, run_snakemake):
     assert re.search(r"teacher_pairs\s+2\b", out) and re.search(r"merge_teacher_pairs\s+1\b", out), out[-3000:]
     assert re.search(r"results/digits/pairs/[0-9a-f]{12}/pairs\.safetensors", out)
     assert not (tmp_path / "results").exists()
+
+
+def test_build_method_attaches_addons_and_pairs(pairs_file, tiny_config, tmp_path):
+    import yaml
+
+    from eval.errors import BadFile
+    from tfd.config import ConfigError, check, load_config
+    from tfd.runs import build_method
+    d = tiny_config["benchmarks"]["digits"]
+    d["runs"]["dmd"]["params"].update(pairs_num=7, pairs_steps=3, pairs_seed=5, pairs_shards=1)
+    d["runs"]["dmd_lpips"] = {"method": "dmd", "train": d["runs"]["dmd"]["train"],
+                              "params": {"regression": "lpips", "lpips_weights": str(tmp_path / "lpips.pt")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config))
+    cfg = load_config(tmp_path / "c.yaml")
+    b = cfg.bench("digits")
+    el = build_method(b, "dmd2_nogan_el", tiny_teacher())
+    assert el.addons is not None and el.addons.el_style.cfg.num_nets == 2
+    assert build_method(b, "dmd2_nogan", tiny_teacher()).addons is None
+    m = build_method(b, "dmd", tiny_teacher(), pairs=pairs_file[0])
+    assert len(m.pairs["index"]) == 7 and m.addons is None
+    with pytest.raises(ConfigError, match="needs its teacher pairs"):
+        build_method(b, "dmd", tiny_teacher())
+    d["runs"]["dmd"]["params"]["pairs_steps"] = 4  # other settings than the file's
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config))
+    with pytest.raises(BadFile, match="other settings"):
+        build_method(load_config(tmp_path / "c.yaml").bench("digits"), "dmd", tiny_teacher(), pairs=pairs_file[0])
+    with pytest.raises(ConfigError, match=r"runs\.dmd_lpips\.params\.lpips_weights: no such file"):
+        check(cfg, files=True)
