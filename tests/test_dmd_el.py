@@ -421,3 +421,18 @@ def test_build_method_attaches_addons_and_pairs(pairs_file, tiny_config, tmp_pat
         build_method(load_config(tmp_path / "c.yaml").bench("digits"), "dmd", tiny_teacher(), pairs=pairs_file[0])
     with pytest.raises(ConfigError, match=r"runs\.dmd_lpips\.params\.lpips_weights: no such file"):
         check(cfg, files=True)
+
+
+def test_el_options_per_condition_and_embedding():
+    import torch
+
+    from tfd.addons import ELStyle, ELStyleCfg, RandomConvNet, bandwidths, mmd2_unbiased
+    net = RandomConvNet(1, 8, 2, seed=3, embedding="all")
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 8 * 4 * 4 + 8 * 2 * 2)
+    el = ELStyle(ELStyleCfg(num_nets=1, width=8, per_condition=True, n_per_group=3, activation="silu"), 1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
+    f = el.nets(0)[0]
+    fx, fy = f(x), f(y)
+    want = [mmd2_unbiased(fx[i:i + 3], fy[i:i + 3], bandwidths(fx[i:i + 3], fy[i:i + 3], 5, 2.0)) for i in (0, 3)]
+    assert el.loss(x, y, 0)[0].item() == pytest.approx(float(sum(want) / 2), rel=1e-6)

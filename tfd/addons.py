@@ -17,10 +17,12 @@ it must say "EL-style", never "EL". Our choices follow public precedents, not EL
 - real batch: `groups_per_rank` conditions drawn by the run's data sampler (class-balanced on a
   class benchmark; prompt positives on a text benchmark), `n_per_group` real examples of each; the
   generated batch has the SAME conditions (`n_per_group` each) and its own noise z (torch's RNG), so
-  both sets have the same class mix. The MMD is taken over the whole batch (not per class).
-- networks: `depth` blocks of Conv3x3 (`width` channels, He-normal weights, zero bias) -> ReLU ->
-  2x2 average pooling (no pooling once the map is 1x1), as the random ConvNet of distribution-matching
-  dataset condensation (Zhao & Bilen 2023); the embedding is the flattened last map. Net i is drawn
+  both sets have the same class mix. The MMD is taken over the whole batch (`per_condition: false`) or
+  within each condition and averaged (`per_condition: true`).
+- networks: `depth` blocks of Conv3x3 (`width` channels, He-normal weights, zero bias) -> `activation`
+  -> 2x2 average pooling (no pooling once the map is 1x1), as the random ConvNet of distribution-matching
+  dataset condensation (Zhao & Bilen 2023); the embedding is the flattened last map (`embedding: last`)
+  or every block's map, concatenated (`all`). Net i is drawn
   from a CPU generator seeded by `seed` and i (`resample: false`: the same nets all run long), or by
   `seed`, i and the training step (`resample: true`: new nets every step, a function of the step, so
   a resumed run draws the same ones). The nets are frozen (`requires_grad False`), are not entries of
@@ -52,7 +54,9 @@ class ELStyleCfg:
     weight: float = 1.0                 # added to the generator loss as weight * MMD^2
     num_nets: int = 4                   # random ConvNets; the loss is the mean of their MMD^2
     width: int = 32                     # channels of every conv of a net
-    depth: int = 2                      # Conv3x3 -> ReLU -> AvgPool2 blocks (8x8 digits: 2x2 x 32 = 128-d)
+    depth: int = 2                      # Conv3x3 -> activation -> AvgPool2 blocks (8x8 digits: 2x2 x 32 = 128-d)
+    activation: Literal["relu", "leaky_relu", "silu"] = "relu"
+    embedding: Literal["last", "all"] = "last"   # the last block's flattened map, or every block's, concatenated
     resample: bool = False              # False: fixed nets; True: new nets every step (from seed and step)
     seed: int = 0
     num_bandwidths: int = 5             # Gaussian kernels, bandwidths spaced by bandwidth_factor
@@ -60,6 +64,7 @@ class ELStyleCfg:
     bandwidth_base: Literal["mean", "median"] = "mean"   # of the pairwise squared distances
     groups_per_rank: int = 10           # conditions per step (per process)
     n_per_group: int = 4                # real and generated samples of each condition
+    per_condition: bool = False         # False: one MMD over the whole batch; True: the mean of per-condition MMDs
 
     def __post_init__(self):
         for key in ("num_nets", "width", "depth", "num_bandwidths", "groups_per_rank"):
@@ -67,8 +72,8 @@ class ELStyleCfg:
                 raise UserError(f"el_style.{key} must be >= 1, got {getattr(self, key)}")
         if self.groups_per_rank * self.n_per_group < 2:
             raise UserError("el_style: groups_per_rank * n_per_group must be >= 2 (the unbiased MMD needs pairs)")
-        if self.n_per_group < 1:
-            raise UserError(f"el_style.n_per_group must be >= 1, got {self.n_per_group}")
+        if self.n_per_group < 1 or (self.per_condition and self.n_per_group < 2):
+            raise UserError(f"el_style.n_per_group must be >= 1 (>= 2 with per_condition), got {self.n_per_group}")
         if self.bandwidth_factor <= 1.0:
             raise UserError(f"el_style.bandwidth_factor must be > 1, got {self.bandwidth_factor}")
         if self.weight < 0:
@@ -89,13 +94,18 @@ class AddonsCfg:
 # the pieces (pure functions, tested on their own)
 
 
-class RandomConvNet(nn.Module):
-    """A frozen random ConvNet: `depth` x (Conv3x3 `width` -> ReLU -> AvgPool2 while the map is > 1x1),
-    He-normal weights and zero biases from a CPU generator seeded by `seed`; `forward(x)` -> the
-    flattened last map `[N, D]` (float32)."""
+ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu, "silu": F.silu}
 
-    def __init__(self, in_channels: int, width: int, depth: int, seed: int):
+
+class RandomConvNet(nn.Module):
+    """A frozen random ConvNet: `depth` x (Conv3x3 `width` -> activation -> AvgPool2 while the map is
+    > 1x1), He-normal weights and zero biases from a CPU generator seeded by `seed`; `forward(x)` ->
+    `[N, D]` float32: the flattened last map (`embedding` last) or every block's, concatenated (all)."""
+
+    def __init__(self, in_channels: int, width: int, depth: int, seed: int, activation: str = "relu",
+                 embedding: str = "last"):
         super().__init__()
+        self.act, self.embedding = ACTIVATIONS[activation], embedding
         g = torch.Generator().manual_seed(int(seed))
         self.convs = nn.ModuleList()
         cin = in_channels
@@ -109,12 +119,13 @@ class RandomConvNet(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x, outs = x.float(), []
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = self.act(conv(x))
             if min(x.shape[-2:]) > 1:
                 x = F.avg_pool2d(x, 2)
-        return x.flatten(1)
+            outs.append(x.flatten(1))
+        return outs[-1] if self.embedding == "last" else torch.cat(outs, dim=1)
 
 
 def net_seed(seed: int, index: int, step: int | None = None) -> int:
@@ -175,8 +186,8 @@ class ELStyle:
 
     def _build(self, step: int | None) -> list[RandomConvNet]:
         c = self.cfg
-        return [RandomConvNet(self.in_channels, c.width, c.depth, net_seed(c.seed, i, step)).to(self.device)
-                for i in range(c.num_nets)]
+        return [RandomConvNet(self.in_channels, c.width, c.depth, net_seed(c.seed, i, step), c.activation,
+                              c.embedding).to(self.device) for i in range(c.num_nets)]
 
     def nets(self, step: int) -> list[RandomConvNet]:
         """The nets of training step `step` (the fixed ones, or those drawn for this step)."""
@@ -195,13 +206,18 @@ class ELStyle:
         return [net(x) for net in self.nets(step)]
 
     def loss(self, x: torch.Tensor, real: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """Mean over the nets of the unbiased MMD^2 between generated `x` and `real` (float32 scalar)."""
+        """Mean over the nets of the unbiased MMD^2 between generated `x` and `real` (float32 scalar);
+        `per_condition`: rows are `groups` consecutive blocks of `n_per_group` (one condition each) and
+        the MMD is the mean over the blocks."""
         c = self.cfg
+        k = c.n_per_group if c.per_condition else len(x)
         vals = []
         for net in self.nets(step):
             fx, fy = net(x), net(real.float())
-            g = bandwidths(fx, fy, c.num_bandwidths, c.bandwidth_factor, c.bandwidth_base)
-            vals.append(mmd2_unbiased(fx, fy, g))
+            for lo in range(0, len(fx), k):
+                a, b = fx[lo:lo + k], fy[lo:lo + k]
+                g = bandwidths(a, b, c.num_bandwidths, c.bandwidth_factor, c.bandwidth_base)
+                vals.append(mmd2_unbiased(a, b, g))
         loss = torch.stack(vals).mean().float()
         return loss, {"el_style_mmd2": float(loss.detach())}
 
