@@ -16,6 +16,7 @@ written per name (`eval.score.score_samples`), so the names are also file names 
 | `kid_clean` / `density_clean` / `coverage_clean`    | features + ref_features / dc | `clean-fid` mode `clean`      |
 | `fd_dinov2` (EDM2's FD_DINOv2)                   | features + ref            | `dinov2` (local folder)       |
 | `cmmd` (CMMD, RBF sigma 10, x1000)               | features + ref features   | `cmmd_clip` (local folder)    |
+| `diversity_digits` / `_dinov2` / `_clip` (DP-DMD)   | features, labels             | digits / dinov2 / cmmd_clip   |
 | `max_ssim`                                          | images, labels               | -                             |
 | `class_acc`                                         | classifier, images, labels   | digits classifier             |
 | `clip_score`                                        | clip, images, captions       | -                             |
@@ -70,6 +71,7 @@ INPUTS = {
                     "UserError when the file holds only mu/sigma",
     "pr": "eval.prdc.prdc(reference features, sample features, k=PR_K)",
     "dc": "eval.prdc.density_coverage(reference features, sample features, k=DC_K)",
+    "diversity_r": "int: samples per condition of the diversity metrics (`eval.diversity_per_condition`; 0: all)",
     "bootstrap": "int: resamples of the sample images for FID's interval (`eval.bootstrap`; 0: none)",
     "classifier": "(eval.features.DigitsExtractor, provenance dict) of the digits classifier",
     "clip": "eval.clip_score.ClipScorer",
@@ -169,6 +171,39 @@ def coverage(dc: Mapping) -> tuple[float, dict]:
     """Coverage: share of reference features whose k-NN ball (k = DC_K) contains a sample, from the
     same `dc` as `density`; a number in [0, 1]."""
     return dc["coverage"], _dc_details(dc)
+
+
+def diversity(features: np.ndarray, labels: np.ndarray | None, diversity_r: int = 0) -> tuple[float, dict]:
+    """DP-DMD's diversity across seeds (Wu et al. 2026, `test_diversity.py`): for each condition, the
+    first `diversity_r` samples of that condition in sample (seed) order (0: all of them), their
+    features L2-normalised, and 1 - the mean cosine similarity over all pairs i < j; the value is the
+    mean over conditions (`labels` None: one condition). Higher is more diverse; 0 when every sample
+    of a condition has the same direction. float64 throughout. Details: R, the per-condition values."""
+    f = np.asarray(features, dtype=np.float64)
+    lab = np.zeros(len(f), dtype=np.int64) if labels is None else np.asarray(labels)
+    r = int(diversity_r or 0)
+    if r == 1:
+        raise UserError("diversity needs at least 2 samples per condition (eval.diversity_per_condition)")
+    per, sizes = {}, set()
+    for c in np.unique(lab):
+        x = f[lab == c]
+        if r:
+            if len(x) < r:
+                raise UserError(f"diversity: condition {int(c)} has {len(x)} samples, fewer than "
+                                f"eval.diversity_per_condition = {r}")
+            x = x[:r]
+        n = len(x)
+        if n < 2:
+            raise UserError(f"diversity: condition {int(c)} has {n} sample; it needs at least 2 per condition")
+        u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        s = u.sum(axis=0)
+        pair_sum = (s @ s - (u * u).sum()) / 2.0  # sum over i < j of <u_i, u_j>
+        per[int(c)] = float(1.0 - pair_sum / (n * (n - 1) / 2.0))
+        sizes.add(n)
+    value = float(np.mean(list(per.values())))
+    return value, {"per_condition": per, "samples_per_condition": sorted(sizes), "diversity_per_condition": r,
+                   "definition": "DP-DMD diversity: mean over conditions of 1 - mean pairwise cosine similarity "
+                                 "of L2-normalised features over the condition's samples (seeds)"}
 
 
 def max_ssim(images: np.ndarray, labels: np.ndarray | None) -> tuple[float, dict]:
@@ -310,6 +345,10 @@ METRICS: dict[str, MetricSpec] = {
     "mode_tv": MetricSpec("mode_tv", mode_tv, ("modes", "labels")),
     "rare_recall": MetricSpec("rare_recall", rare_recall, ("modes", "labels")),
     "off_mode": MetricSpec("off_mode", off_mode, ("modes", "labels")),
+    # DP-DMD's diversity across seeds, per feature network (digits: the domain feature network)
+    "diversity_digits": MetricSpec("diversity_digits", diversity, ("features", "labels", "diversity_r"), ("digits",)),
+    "diversity_dinov2": MetricSpec("diversity_dinov2", diversity, ("features", "labels", "diversity_r"), ("dinov2",)),
+    "diversity_clip": MetricSpec("diversity_clip", diversity, ("features", "labels", "diversity_r"), ("cmmd_clip",)),
 }
 MODE_METRICS = ("modes_covered", "mode_tv", "rare_recall", "off_mode")
 
@@ -479,6 +518,9 @@ class MetricInputs:
 
     def _make_bootstrap(self) -> int:
         return int((self.config or {}).get("bootstrap", 0) or 0)
+
+    def _make_diversity_r(self) -> int:
+        return int((self.config or {}).get("diversity_per_condition", 0) or 0)
 
     def _make_dc(self) -> dict:
         from eval.prdc import density_coverage

@@ -20,15 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FEATURE = ("fid", "precision", "recall", "kid", "density", "coverage")  # per extractor: generic, _digits, _clean, ...
 EMBEDDING = ("fd_dinov2", "cmmd")  # feature metrics of the dinov2 / cmmd_clip extractors (cluster)
 MODES = ("modes_covered", "mode_tv", "rare_recall", "off_mode")  # the shapes benchmark's rule (tests/test_modes.py)
+DIVERSITY = ("diversity_digits", "diversity_dinov2", "diversity_clip")  # DP-DMD's, per feature network
 DOCUMENTED = [*FEATURE, *(f"{g}_digits" for g in FEATURE), *(f"{g}_clean" for g in FEATURE),
-              *(f"{g}_shapes" for g in FEATURE), "max_ssim", "class_acc", "clip_score", *EMBEDDING, *MODES]
+              *(f"{g}_shapes" for g in FEATURE), "max_ssim", "class_acc", "clip_score", *EMBEDDING, *MODES,
+              *DIVERSITY]
 
 
 def test_registry_lists_every_metric_once():
     assert known_metrics() == DOCUMENTED
     for name, spec in METRICS.items():
         assert spec.name == name and callable(spec.fn) and spec.needs
-        assert spec.is_feature_metric == (name.split("_")[0] in FEATURE or name in EMBEDDING)
+        assert spec.is_feature_metric == (name.split("_")[0] in FEATURE or name in EMBEDDING + DIVERSITY)
     assert metric_names("digits") == {g: f"{g}_digits" for g in FEATURE}
     assert metric_names("shapes") == {g: f"{g}_shapes" for g in FEATURE}
     assert metric_names("inception") == {g: g for g in FEATURE}

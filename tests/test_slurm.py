@@ -21,7 +21,7 @@ from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_binari
 
 PROFILE = ROOT / "workflow/profiles/slurm"
 PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["imagenet64"]
-GPU_RULES = ("distill", "sample_shard", "score", "score_text", "positives_shard", "latents")
+GPU_RULES = ("distill", "sample_shard", "score", "score_text", "positives_shard", "latents", "teacher_pairs")
 COCO = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["coco2014"]
 RUN_TIMEOUT = 300  # s, for the real SLURM run (9 jobs in 7 waves; ~10-25 s a wave on 2 cores)
 

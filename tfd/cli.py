@@ -314,7 +314,9 @@ def cmd_distill(args):
     else:
         from tfd.runs import load_teacher
         teacher = load_teacher(b, args.teacher, device)
-    method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed, positives=args.positives)
+    from tfd.utils import path_sha256
+    method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed, positives=args.positives,
+                          pairs=args.pairs, teacher_sha256=path_sha256(args.teacher) if args.pairs else None)
     eval_fn = None
     if tcfg.eval_every and args.ref_stats:
         from tfd.convergence import convergence_eval_fn
@@ -322,7 +324,7 @@ def cmd_distill(args):
                                       device=device, prompts=_prompts(args, b))
     from tfd.utils import path_sha256
     inputs = {k: path_sha256(v) for k, v in (("teacher", args.teacher), ("positives", args.positives),
-                                              ("train_prompts", args.train_prompts))
+                                              ("train_prompts", args.train_prompts), ("pairs", args.pairs))
               if v}
     if eval_fn is not None:  # the convergence record's inputs shape convergence.jsonl
         inputs.update({k: path_sha256(v) for k, v in (("ref_stats", args.ref_stats), ("prompts", args.prompts),
@@ -330,6 +332,34 @@ def cmd_distill(args):
     info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn, progress=not args.no_progress,
                    inputs=inputs).fit(resume=not args.no_resume)
     dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
+
+
+def cmd_teacher_pairs(args):
+    from eval.sample import parse_shard
+    from tfd.config import ConfigError
+    from tfd.methods import get_method
+    from tfd.pairs import make_pairs_shard, pairs_settings
+    from tfd.runs import conditions, load_teacher
+    from tfd.utils import path_sha256
+    cfg, b = _cfg(args)
+    run = _run(b, args.run)
+    if not (run.trains and getattr(get_method(run.method), "needs_pairs", False)):
+        raise ConfigError(f"run {args.run!r} ({run.method}) trains on no teacher pairs (method 'dmd' does)")
+    if b.task == "text":
+        raise ConfigError(f"teacher pairs are made for class benchmarks; {cfg.benchmark!r} is a text benchmark")
+    device = default_device()
+    meta = make_pairs_shard(load_teacher(b, args.teacher, device), pairs_settings(run.params), len(conditions(b)),
+                            parse_shard(args.shard), args.out, teacher_path=args.teacher,
+                            teacher_sha256=path_sha256(args.teacher), batch_size=args.batch_size or b.eval.batch_size,
+                            device=device, progress=not args.no_progress)
+    print(f"teacher pairs {meta['rows'][0]}..{meta['rows'][1] - 1} ({meta['settings']}, key {meta['key']}) "
+          f"-> {args.out}")
+
+
+def cmd_merge_pairs(args):
+    from tfd.pairs import merge_pairs
+    meta = merge_pairs(args.parts, args.out)
+    print(f"merged {len(args.parts)} teacher pairs shards ({meta['settings']['num']} pairs) -> {args.out}")
 
 
 def cmd_sample(args):
@@ -370,7 +400,8 @@ def cmd_score(args):
     from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
-    clip = {"bootstrap": b.eval.bootstrap, "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
+    clip = {"bootstrap": b.eval.bootstrap, "diversity_per_condition": b.eval.diversity_per_condition,
+            "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
             "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
             "clip_model_config": args.clip_model_config or b.eval.clip_model_config}
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
@@ -513,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-prompts", default=None,
                    help="text benchmarks: the training prompt table (rule train_prompts)")
     s.add_argument("--positives", default=None, help="text benchmarks: the positives cache (rule merge_positives)")
+    s.add_argument("--pairs", default=None,
+                   help="method dmd: the teacher pairs cache (rules teacher_pairs + merge_teacher_pairs)")
+    s = add("teacher-pairs", cmd_teacher_pairs, "make one shard of a DMD run's teacher noise/ODE-output pairs")
+    s.add_argument("--run", required=True, help="the run (method dmd) whose pair settings (params.pairs_*) to use")
+    s.add_argument("--teacher", required=True, help="the teacher: EDM-format safetensors")
+    s.add_argument("--shard", default=None, help="k/n: shard k of n (zero-based) of the pairs (default: all, 0/1)")
+    s.add_argument("--batch-size", type=int, default=None, help="pairs per teacher call (default: eval.batch_size)")
+    s.add_argument("--out", required=True, help="the shard's safetensors (joined by tfd merge-pairs)")
+    s = add("merge-pairs", cmd_merge_pairs, "join teacher pairs shards into the pairs cache", config=False)
+    s.add_argument("--out", required=True, help="the pairs cache (safetensors)")
+    s.add_argument("parts", nargs="+", help="every shard file of one cache (any order)")
     s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True,

@@ -257,6 +257,8 @@ class EvalCfg:
     fid_thresholds: list[float] = field(default_factory=list)  # table: iterations to reach each FID (Fig. 2)
     convergence_samples: int = 500                       # samples per point of a convergence record (train.eval_every)
     bootstrap: int = 100                                 # FID's interval over the sample images: resamples (0: none)
+    diversity_per_condition: int = 0                     # diversity_* metrics (DP-DMD): first R samples of each
+                                                         # condition in seed order (0: all; DP-DMD uses R = 9)
     # text-to-image (DMD2's COCO protocol): generated and real images centre-cropped and LANCZOS-resized
     # to `resolution` before FID (None: as generated); CLIP score with open_clip from a local checkpoint
     resolution: Optional[int] = None
@@ -321,6 +323,7 @@ class RunCfg:
     paper: dict[str, float] = field(default_factory=dict)   # the paper's reported numbers (shown as paper_*)
     positives: dict[str, Any] = field(default_factory=dict)  # text runs: overrides of the benchmark's positives
     seeds: Optional[list[int]] = None     # training replicas `<run>@s<k>` (train.seed = k); tables: mean and 95% CI
+    addons: Any = None                    # training runs: generator-loss add-ons (tfd.addons.AddonsCfg: el_style)
 
     def resolve(self, where: str) -> "RunCfg":
         """Type the `sampler` / `train` / `params` blocks in place; ConfigError naming `where.<block>`."""
@@ -356,6 +359,16 @@ class RunCfg:
                                 ("train", TrainCfg, trains), ("params", params_cls, trains)):
             try:
                 typed[name] = block(name, cls, used)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.addons in (None, {}):
+            self.addons = None
+        elif not trains:
+            problems.append(f"{where}.addons: a {self.method!r} row takes no addons (only training runs)")
+        elif isinstance(self.addons, dict):
+            from tfd.addons import AddonsCfg
+            try:
+                self.addons = from_dict(AddonsCfg, self.addons, f"{where}.addons")
             except ConfigError as e:
                 problems.append(str(e))
         if problems:
@@ -584,6 +597,8 @@ def input_paths(cfg: Config, name: Optional[str] = None) -> dict[str, Optional[s
                 if p is not None:
                     out.update({f"{w}.runs.{r}.positives.{k}": getattr(p, k)
                                 for k in ("prompts_file", "paired_captions_json", "paired_images_dir")})
+            if run.trains and getattr(run.params, "lpips_weights", None):  # DMD's local LPIPS module
+                out[f"{w}.runs.{r}.params.lpips_weights"] = run.params.lpips_weights
             if run.method == "pipeline":
                 out.update({f"{w}.runs.{r}.sampler.pipeline": run.sampler.pipeline,
                             f"{w}.runs.{r}.sampler.unet": run.sampler.unet})

@@ -99,11 +99,15 @@ def run_nfe(b: BenchmarkCfg, run_name: str) -> int:
 
 
 def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0,
-                 positives: str | Path | None = None):
-    """The run's `Method` on the benchmark's data, its data sampler seeded by `seed` and the rank.
+                 positives: str | Path | None = None, pairs: str | Path | None = None,
+                 teacher_sha256: str | None = None):
+    """The run's `Method` on the benchmark's data, its data sampler seeded by `seed` and the rank,
+    with its generator-loss add-ons (`runs.<run>.addons`).
 
     A text benchmark's data is its positives cache (`positives`, made by `tfd.positives`; the
-    teacher must have the cache's training prompt table bound); ConfigError without one."""
+    teacher must have the cache's training prompt table bound); ConfigError without one. A method
+    with `needs_pairs` (DMD) gets its teacher pairs cache `pairs` (`tfd.pairs`), checked against the
+    run's pair settings, the teacher (`teacher_sha256`, when given) and the benchmark."""
     from tfd import dist
     from tfd.methods import get_method
 
@@ -123,7 +127,21 @@ def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu"
     # Networks a method creates (DMD2's GAN head) draw their initial weights from torch's global
     # RNG, which is seeded at random in every new process: seed it, identically on every rank.
     torch.manual_seed(seed)
-    return get_method(run.method)(teacher, data, run.params, device=device)
+    cls = get_method(run.method)
+    kw = {}
+    if getattr(cls, "needs_pairs", False):
+        from tfd.pairs import load_pairs, pairs_key, pairs_settings
+        if pairs is None:
+            raise ConfigError(f"run {run_name!r} ({run.method}) needs its teacher pairs: pass --pairs "
+                              "results/<bench>/pairs/<key>/pairs.safetensors (rules teacher_pairs + "
+                              "merge_teacher_pairs)")
+        kw["pairs"], _ = load_pairs(pairs, key=pairs_key(pairs_settings(run.params)), teacher_sha256=teacher_sha256,
+                                    sample_shape=teacher.sample_shape,
+                                    num_conditions=len(conditions(b)) if b.task != "text" else None)
+    method = cls(teacher, data, run.params, device=device, **kw)
+    from tfd.addons import build_addons  # generator-loss add-ons (runs.<run>.addons), applied by the trainer
+    method.addons = build_addons(run.addons, teacher.sample_shape, device)
+    return method
 
 
 def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, generator_path: str | Path | None,

@@ -205,6 +205,9 @@ class Trainer:
         self.ckpt_path = self.run_dir / "ckpt" / "training-state.pt"
         self.progress = progress and dist.get_rank() == 0
         self.nets = method.networks()
+        # generator-loss add-ons (`runs.<run>.addons`, tfd.addons): their frozen networks are not entries
+        # of `nets` (no optimiser, not checkpointed: rebuilt from their seed)
+        self.addons = getattr(method, "addons", None)
         if "generator" not in self.nets:
             raise ValueError(f"method {method.name!r}: networks() must include 'generator'")
         if cfg.gradient_checkpointing:  # every trainable Denoiser (DMD2's fake score holds one)
@@ -245,7 +248,8 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                         "data": self.method.data.generator.get_state()},
                 "world_size": dist.get_world_size(), "config": asdict(self.cfg),
-                "method": self.method.name, "method_params": params_spec(self.method.params), "inputs": self.inputs}
+                "method": self.method.name, "method_params": params_spec(self.method.params), "inputs": self.inputs,
+                "addons": self.addons.settings() if self.addons is not None else None}
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
@@ -312,6 +316,8 @@ class Trainer:
             return f"another method ({s.get('method')!r})"
         if s.get("method_params") != params_spec(self.method.params):
             return "other method parameters"
+        if s.get("addons") != (self.addons.settings() if self.addons is not None else None):
+            return "other add-on settings (addons)"
         theirs_in = s.get("inputs")
         if theirs_in is not None and theirs_in != self.inputs:  # older checkpoints carry none: not checked
             changed = sorted(k for k in theirs_in.keys() | self.inputs.keys() if theirs_in.get(k) != self.inputs.get(k))
@@ -450,12 +456,19 @@ class Trainer:
             pe.lerp_(p, 1 - beta)
 
     def train_one_step(self) -> dict:
-        """One training iteration: `make_batch`, `train_step` under autocast, the NaN guard, then
-        one optimiser step per returned loss (in dict order) and the EMA. Returns the metrics."""
+        """One training iteration: `make_batch` (and the add-ons' batch), `train_step` under autocast,
+        the add-ons' terms added to the `generator` loss when there is one on this step, the NaN guard,
+        then one optimiser step per returned loss (in dict order) and the EMA. Returns the metrics."""
         batch = self.method.make_batch()
+        extra = self.addons.make_batch(self.method) if self.addons is not None else None
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             out = self.method.train_step(batch, self.step)
+            if extra is not None and "generator" in out.losses:  # the generic hook on the generator loss
+                add, m = self.addons.generator_loss(self.method, extra, self.step)
+                if add is not None:
+                    out.losses["generator"] = out.losses["generator"] + add
+                    out.metrics.update(m)
         bad = {k: float(v.detach()) for k, v in out.losses.items() if not torch.isfinite(v.detach()).all()}
         if bad:
             raise NonFiniteLoss(f"non-finite loss at step {self.step}: {bad}; stopping. The last good "
@@ -569,7 +582,8 @@ class Trainer:
                 "generator_updates": gen_updates, "train_wall_s": self.train_wall_s,
                 "wall_s_per_generator_update": self.train_wall_s / max(gen_updates, 1),
                 "world_size": dist.get_world_size(), "generator": str(out), "inputs_sha256": self.inputs,
-                **provenance(train=asdict(cfg), method_params=asdict(self.method.params))}
+                **provenance(train=asdict(cfg), method_params=asdict(self.method.params),
+                             **({"addons": self.addons.settings()} if self.addons is not None else {}))}
         if dist.get_rank() == 0:  # with its checksum (`record_sha256`, verified by tfd.tables.read_json)
             atomic_write_json(self.run_dir / "train.json", seal_record(info))
         return info

@@ -66,6 +66,9 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    # Generator-loss add-ons (`runs.<run>.addons`, `tfd.addons.Addons`), set by `tfd.runs.build_method`
+    # and applied by the trainer to the `generator` loss of every method; None: none.
+    addons: Any = None
 
     def __init__(self, teacher, data, params, device="cpu"):
         self.teacher, self.data, self.params, self.device = teacher, data, params, device
@@ -82,6 +85,15 @@ class Method:
 
     def train_step(self, batch, step: int) -> StepOutput:
         raise NotImplementedError
+
+    def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The generator's differentiable one-step map from noise z `[B, *sample_shape]` and conditions
+        `[B]` to samples in model space, as `sampler_for` runs it (before `decode`): default
+        `x = G(a z; s, c)` with `(s, a) = generator_input`. Used by the add-ons (`tfd.addons`); a
+        method whose one-step map differs (CD's consistency function) overrides it."""
+        gen = self.networks()["generator"]
+        s, a = generator_input(self.params, gen)
+        return gen.denoise(z * a, s, cond)
 
     @classmethod
     def nfe(cls, params) -> int:
@@ -106,6 +118,7 @@ def get_method(name: str) -> type[Method]:
 
 # Registry lines: importing a module registers its method.
 from tfd.methods import cd as _cd  # noqa: E402,F401
+from tfd.methods import dmd as _dmd  # noqa: E402,F401
 from tfd.methods import dmd2 as _dmd2  # noqa: E402,F401
 from tfd.methods import dpdmd as _dpdmd  # noqa: E402,F401
 from tfd.methods import drift as _drift  # noqa: E402,F401

@@ -78,6 +78,20 @@ def consistency_fn(net, x: torch.Tensor, sigma, cond) -> torch.Tensor:
     return c_skip * x + c_out * net.raw(x, sigma, cond)
 
 
+def huber_c_default(sample_shape) -> float:
+    """iCT's pseudo-Huber constant 0.00054 sqrt(C H W) (0.00432 on 8x8x1)."""
+    return 0.00054 * math.sqrt(math.prod(sample_shape))
+
+
+def sample_distance(a: torch.Tensor, b: torch.Tensor, metric: str, huber_c: float) -> torch.Tensor:
+    """Per-sample distance `[N]`: `l2` the mean over pixels of the squared difference (openai
+    `mean_flat(diff ** 2)`), `huber` the pseudo-Huber sqrt(|a - b|^2 + c^2) - c on the whole sample."""
+    diff = (a.float() - b.float()).flatten(1)
+    if metric == "l2":
+        return diff.square().mean(dim=1)
+    return (diff.square().sum(dim=1) + huber_c * huber_c).sqrt() - huber_c
+
+
 @register("cd")
 class CD(Method):
     Params = CDParams
@@ -93,8 +107,7 @@ class CD(Method):
         self.target = teacher.copy()
         self.sigmas = karras_sigmas(p.num_scales, teacher.sigma_min, teacher.sigma_max,
                                     p.rho).float().to(device)  # descending
-        d = math.prod(teacher.sample_shape)
-        self.huber_c = p.huber_c if p.huber_c > 0 else 0.00054 * math.sqrt(d)
+        self.huber_c = p.huber_c if p.huber_c > 0 else huber_c_default(teacher.sample_shape)
 
     def networks(self):
         return {"generator": self.online, "target": self.target}
@@ -126,11 +139,7 @@ class CD(Method):
         return x + (t_next - t) * 0.5 * (d + d2)
 
     def distance(self, a, b):
-        diff = (a.float() - b.float()).flatten(1)
-        if self.params.metric == "l2":
-            return diff.square().mean(dim=1)
-        c = self.huber_c
-        return (diff.square().sum(dim=1) + c * c).sqrt() - c
+        return sample_distance(a, b, self.params.metric, self.huber_c)
 
     def train_step(self, batch, step):
         self.update_target()  # uses the online weights left by the previous step's update
@@ -145,6 +154,11 @@ class CD(Method):
         loss = self.distance(pred, target).mean()
         return StepOutput(losses={"generator": loss},
                           metrics={"loss": loss.item(), "sigma_mean": t.mean().item()})
+
+    def generate(self, z, cond):
+        """One step x = f(s z, s) of the online network, s = its sigma_max (as `sampler_for`)."""
+        s = float(self.online.sigma_max)
+        return consistency_fn(self.online, z * s, s, cond)
 
     @classmethod
     def sampler_for(cls, generator, params):

@@ -103,13 +103,22 @@ def _spec(d) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def run_block(run) -> dict:
+    """A run's resolved block as a dict, as runs made before an option existed recorded it: `addons`
+    only when the run has some, and method options added later left out while they keep their old
+    behaviour (`tfd.config.params_spec`)."""
+    d = dataclasses.asdict(run)
+    if d.get("addons") is None:
+        d.pop("addons", None)
+    if run.params is not None:
+        d["params"] = params_spec(run.params)
+    return d
+
+
 def run_spec(wildcards):
     """The run's resolved config block as a param: editing it reruns that run only (its label, paper
     numbers and nfe are the tables' business, its positives overrides reach it as the positives cache)."""
-    run = BENCHES[wildcards.bench].runs[wildcards.run]
-    spec = dataclasses.asdict(run)
-    if run.params is not None:  # options added later, at their old behaviour, leave the spec as it was
-        spec["params"] = params_spec(run.params)
+    spec = run_block(BENCHES[wildcards.bench].runs[wildcards.run])
     return _spec({k: v for k, v in spec.items() if k not in ("label", "paper", "nfe", "positives")})
 
 
@@ -187,16 +196,11 @@ def score_spec(wildcards):
     checkpoint is an input). The metric list is the rule's outputs: a new metric is a missing file."""
     b = BENCHES[wildcards.bench]
     spec = {**extractor_settings(b), "resolution": b.eval.resolution, "bootstrap": b.eval.bootstrap}
+    if any(m.startswith("diversity_") for m in b.eval.metrics):  # only then: other runs' scores stay current
+        spec["diversity_per_condition"] = b.eval.diversity_per_condition
     if "clip_score" in b.eval.metrics:
         spec["clip"] = {"model": b.eval.clip_model, "resize": b.eval.clip_resize}
     return _spec(spec)
-
-
-def _run_dict(run) -> dict:
-    d = dataclasses.asdict(run)
-    if run.params is not None:
-        d["params"] = params_spec(run.params)
-    return d
 
 
 def table_spec(bench, runs, **extra):
@@ -204,7 +208,7 @@ def table_spec(bench, runs, **extra):
     and teacher blocks the manifest records (less what only batches or logs), and `extra`."""
     b = BENCHES[bench]
     ev = {k: v for k, v in dataclasses.asdict(b.eval).items() if k not in EVAL_WORK_KEYS}
-    return _spec({"rows": list(runs), "runs": {r: _run_dict(b.runs[r]) for r in runs}, "eval": ev,
+    return _spec({"rows": list(runs), "runs": {r: run_block(b.runs[r]) for r in runs}, "eval": ev,
                   "teacher": teacher_settings(b), **extra})
 
 
@@ -386,12 +390,47 @@ def positives_shards(wildcards):
     return [f"results/{tb}/positives/{wildcards.key}/shard{k}of{n}.safetensors" for k in range(n)]
 
 
+# -- teacher pairs of DMD runs (tfd.pairs): one cache per distinct pair settings, shared by every run using it
+def needs_pairs(run) -> bool:
+    from tfd.methods import METHODS
+    return run.trains and getattr(METHODS.get(run.method), "needs_pairs", False)
+
+
+def pairs_path(bench, run):
+    """The teacher pairs cache a DMD run reads: results/<bench>/pairs/<key>/pairs.safetensors."""
+    from tfd.pairs import pairs_key, pairs_settings
+    return f"results/{bench}/pairs/{pairs_key(pairs_settings(BENCHES[bench].runs[run].params))}/pairs.safetensors"
+
+
+def pairs_run(bench, pkey):
+    """The first run of `bench` whose pairs cache is results/<bench>/pairs/<pkey>/ (its settings are read)."""
+    for name, run in BENCHES[bench].runs.items():
+        if needs_pairs(run) and Path(pairs_path(bench, name)).parent.name == pkey:
+            return name
+    raise WorkflowError(f"no training run of {bench} reads the teacher pairs cache {pkey}")
+
+
+def pairs_spec(wildcards):
+    """teacher_pairs: the pair settings (they name the cache), and the benchmark's conditions."""
+    from tfd.pairs import pairs_settings
+    b = BENCHES[wildcards.bench]
+    return _spec({**pairs_settings(b.runs[pairs_run(wildcards.bench, wildcards.pkey)].params),
+                  "num_classes": b.num_classes})
+
+
+def pairs_shards(wildcards):
+    """The shards merge_teacher_pairs joins (`params.pairs_shards` of the first run using the cache)."""
+    n = BENCHES[wildcards.bench].runs[pairs_run(wildcards.bench, wildcards.pkey)].params.pairs_shards
+    return [f"results/{wildcards.bench}/pairs/{wildcards.pkey}/shard{k}of{n}.safetensors" for k in range(n)]
+
+
 def distill_inputs(wildcards):
     """A text run's positives cache, training prompts and evaluation prompts (convergence record); a
-    class run's dataset file."""
+    class run's dataset file, and a DMD run's teacher pairs."""
     b = wildcards.bench
     if BENCHES[b].task != "text":
-        return dataset_input(b)
+        run = BENCHES[b].runs[wildcards.run]
+        return {**dataset_input(b), **({"pairs": pairs_path(b, wildcards.run)} if needs_pairs(run) else {})}
     paths = positives_paths(b, wildcards.run)
     return {"positives": paths["positives"], "train_prompts": paths["train_prompts"], "prompts": prompts_file(b)}
 

@@ -1,6 +1,38 @@
 # Distillation runs: one job per run; resumes from its checkpoint when rerun (preemption, time limit).
 
 
+# Teacher noise/image pairs of DMD runs (tfd.pairs): the teacher's Heun ODE output from sigma_max z for
+# per-pair seeded noise, sharded (params.pairs_shards jobs) and merged into one cache per distinct
+# setting, results/<bench>/pairs/<key>/pairs.safetensors, which every run with those settings reads.
+rule teacher_pairs:
+    input:
+        teacher=bench_teacher,
+    output:
+        temp("results/{bench}/pairs/{pkey}/shard{k}of{n}.safetensors"),
+    params:
+        spec=pairs_spec,
+        run=lambda wc: pairs_run(wc.bench, wc.pkey),
+    log:
+        "logs/{bench}/teacher_pairs_{pkey}_{k}of{n}.log",
+    resources:
+        gpu=1,
+    shell:
+        "OMP_NUM_THREADS={threads} tfd teacher-pairs --config {CONFIG_FILE} --bench {wildcards.bench} --no-progress "
+        "--run {params.run} --teacher {input.teacher} --shard {wildcards.k}/{wildcards.n} --out {output} > {log} 2>&1"
+
+
+rule merge_teacher_pairs:
+    input:
+        pairs_shards,
+    output:
+        "results/{bench}/pairs/{pkey}/pairs.safetensors",
+    log:
+        "logs/{bench}/merge_teacher_pairs_{pkey}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} tfd merge-pairs --out {output} {input} > {log} 2>&1"
+
+
+
 rule distill:
     input:
         unpack(convergence_inputs),
@@ -16,7 +48,7 @@ rule distill:
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
                                         for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"),
                                                         ("positives", "positives"), ("train_prompts", "train-prompts"),
-                                                        ("prompts", "prompts"))
+                                                        ("prompts", "prompts"), ("pairs", "pairs"))
                                         if k in input.keys() and input[k]),
         # more than one GPU (set-resources distill:gpu=N): one process per GPU with torchrun (DDP)
         launch=lambda wc, resources: (f"torchrun --standalone --nproc-per-node {resources.gpu} -m tfd.cli --"
