@@ -17,7 +17,7 @@ COCO_KEYS = ["teacher.checkpoint", "data.captions_json", "data.images_dir", "eva
 
 def test_default_config_has_both_tables():
     cfg = load_config(ROOT / "config.yaml")
-    assert cfg.active == ["digits", "digits_text"]
+    assert cfg.active == ["digits", "digits_text", "shapes"]  # Table 1, Table 2, the known-modes table
     t = cfg.bench("digits_text")
     assert t.task == "text" and t.table2 and all(r in t.runs for r in t.table2)
     assert t.eval.num_samples % t.prompts.num_prompts == 0  # each prompt the same number of times (max_ssim)

@@ -58,6 +58,8 @@ class DMDParams:
     real_guidance: ClassVar[Optional[float]] = None
     generator_sigma: ClassVar[Optional[float]] = None     # the teacher's sigma_max: where the pairs start
     generator_timestep: ClassVar[Optional[int]] = None
+    num_steps: ClassVar[int] = 1                          # DMD is a one-step generator (no few-step student)
+    student_sigmas: ClassVar[Optional[list]] = None
 
     def __post_init__(self):
         for key in ("batch_per_rank", "pairs_num", "pairs_steps", "pairs_shards"):
