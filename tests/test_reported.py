@@ -83,3 +83,11 @@ def test_imagenet64_table1_is_the_papers():
     el = b.runs["tfd_el"]
     assert el.addons.el_style is not None and "EL-style" in el.label and "not public" in el.label
     assert el.params == b.runs["tfd"].params and el.train == b.runs["tfd"].train
+
+
+def test_a_reported_row_has_no_sampler(tmp_path):
+    from eval.errors import UserError
+    from tfd.runs import build_sampler
+    b = _cfg({"paper_emd": REPORTED}).bench()
+    with pytest.raises(UserError, match="'reported' row"):
+        build_sampler(b, "paper_emd", tmp_path / "teacher.safetensors", None)
