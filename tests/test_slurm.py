@@ -135,17 +135,26 @@ def test_paper_dag_dry_run(paper_dir, teacher_ext, run_snakemake):
     assert r.returncode == 0, out[-5000:]
     jobs = dry_jobs(out)
     counts = pd.Series([j["rule"] for j in jobs]).value_counts().to_dict()
-    rows, shards = PAPER["table1"], PAPER["eval"]["shards"]
+    table1, shards = PAPER["table1"], PAPER["eval"]["shards"]
+    reported = [r for r in table1 if PAPER["runs"][r]["method"] == "reported"]  # the paper's numbers only
+    rows = [r for r in table1 if r not in reported]  # sampled and scored
     trained = [r for r in rows if PAPER["runs"][r]["method"] not in ("heun", "onestep")]
-    assert shards == 10 and trained  # the paper protocol: 50k samples in 10 shards; a trained row
+    pairs = {PAPER["runs"][r]["params"]["pairs_shards"] for r in trained if PAPER["runs"][r]["method"] == "dmd"}
+    # the paper's Table 1: every baseline row; iCT-deep, EMD and CTM as the paper's numbers
+    assert set(trained) == {"tfd", "tfd_el", "dmd2", "dmd2_nogan", "dmd", "dmd2_4step", "dpdmd", "cd_l2"}, trained
+    assert reported == ["paper_ict_deep", "paper_emd", "paper_ctm"] and pairs == {10}
+    assert shards == 10  # the paper protocol: 50k samples in 10 shards
     expected = {"distill": len(trained), "sample_shard": shards * len(rows), "merge_samples": len(rows),
-                "score": len(rows), "table1": 1}  # no teacher training, no digits feature net, no ref_stats
+                "score": len(rows), "table1": 1,  # no teacher training, no digits feature net, no ref_stats
+                "teacher_pairs": 10, "merge_teacher_pairs": 1}  # DMD's teacher pairs (one cache)
     if teacher_ext == "pkl":
         expected["convert_edm"] = 1
     assert counts == expected, counts
     assert {j["wildcards"]["run"] for j in jobs if j["rule"] == "distill"} == set(trained)
     assert {(j["wildcards"]["run"], int(j["wildcards"]["k"]), int(j["wildcards"]["n"]))
             for j in jobs if j["rule"] == "sample_shard"} == {(r, k, shards) for r in rows for k in range(shards)}
+    assert not [j for j in jobs if j["wildcards"].get("run") in reported or "reported" in j["wildcards"].values()]
+    assert not any(f"/{r}/" in out for r in reported)  # no output of a reported row
     assert all(p.startswith("results/imagenet64/") for p in re.findall(r"output: (\S+?),?$", out, re.M)
                if not p.startswith("results/table1"))
 

@@ -17,9 +17,13 @@ import yaml
 
 from eval.errors import UserError
 
-# Rows that need no training: the teacher's Heun sampler, the teacher run once at sigma_max, and a
-# diffusers pipeline with its own scheduler (text-to-image teacher and published checkpoints).
-SAMPLER_METHODS = ("heun", "onestep", "pipeline")
+# Rows that need no training: the teacher's Heun sampler, the teacher run once at sigma_max, a
+# diffusers pipeline with its own scheduler (text-to-image teacher and published checkpoints), and
+# `reported`: a method the suite does not retrain, shown with the paper's numbers only (never trained,
+# sampled or scored; only `label`, `nfe` and `paper`).
+REPORTED = "reported"
+SAMPLER_METHODS = ("heun", "onestep", "pipeline", REPORTED)
+REPORTED_STATUS = "reported by the paper, not run"
 
 
 class ConfigError(UserError):
@@ -351,6 +355,15 @@ class RunCfg:
                               f"(known: {', '.join(sorted(SAMPLER_METHODS) + sorted(METHODS))})")
         problems, typed = [], {}
         trains = params_cls is not None
+        if self.method == REPORTED:  # the paper's numbers only: nothing to train, sample or score
+            problems += [f"{where}.{k}: a 'reported' row (the paper's numbers, not run) takes no {k} "
+                         "(only label, nfe and paper)"
+                         for k in ("seeds", "train", "params", "sampler", "addons", "positives")
+                         if getattr(self, k) not in (None, {}, [])]
+            if not self.paper:
+                problems.append(f"{where}.paper: a 'reported' row needs the paper's numbers (e.g. paper: {{fid: ...}})")
+            if problems:
+                raise ConfigError("\n  - ".join(problems))
         if self.method == "pipeline":
             from tfd.pipeline_sampler import PipelineCfg as sampler_cls
         else:
@@ -382,6 +395,11 @@ class RunCfg:
         (`sampler.pipeline` and `sampler.unet` unset): Table 2 shows its paper numbers only."""
         s = self.sampler
         return self.method == "pipeline" and bool(getattr(s, "published", False)) and not (s.pipeline or s.unet)
+
+    @property
+    def reported(self) -> bool:
+        """A row of the paper's numbers only (`method: reported`): never trained, sampled or scored."""
+        return self.method == REPORTED
 
     @property
     def trains(self) -> bool:

@@ -152,6 +152,8 @@ def build_sampler(b: BenchmarkCfg, run_name: str, teacher_path: str | Path, gene
     run = b.runs.get(run_name)
     if run is None:
         raise ConfigError(f"run {run_name!r} is not defined (defined: {sorted(b.runs)})")
+    if run.reported:
+        raise UserError(f"run {run_name!r} is a 'reported' row (the paper's numbers only): it has no sampler")
     if run.method == "pipeline":
         from tfd.pipeline_sampler import pipeline_sampler
         return pipeline_sampler(teacher_path, run.sampler, prompts, device=device,

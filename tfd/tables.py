@@ -12,7 +12,7 @@ from eval.errors import BadFile, UserError
 from eval.io import atomic_write_text_sealed, check_record, check_sidecar
 from eval.metrics import fid_key
 from eval.score import read_metric
-from tfd.config import Config
+from tfd.config import REPORTED_STATUS, Config
 from tfd.runs import run_nfe
 from tfd.utils import atomic_write_json, atomic_write_text, file_sha256, path_sha256, provenance
 
@@ -146,6 +146,11 @@ def collect_row(cfg: Config, results_dir, run_name: str, ref_stats_sha256: str |
     row = {"run": run_name, "method": run.label or run.method, "nfe": run_nfe(b, run_name)}
     if run.missing_weights:
         row["status"] = "not scored: its weights are not given (sampler.pipeline / sampler.unet)"
+    if run.reported:  # the paper's numbers only: no files are read, every measured column stays empty
+        row["status"] = REPORTED_STATUS
+        row.update({m: None for m in b.eval.metrics})
+        row.update({f"paper_{k}": v for k, v in run.paper.items()})
+        return row
     members = b.row_runs(run_name)
     cols = [_one_run(cfg, results_dir, run_name, r, ref_stats_sha256) for r in members]
     cols = [{k: v for k, v in c.items() if not k.endswith(_BOOT)} for c in cols] if run_name in b.replicas else cols
@@ -381,6 +386,9 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
     note = (f"Benchmark `{cfg.benchmark}`. Measured by this suite"
             + ("; `paper_*` columns are the TFD paper's reported numbers, not measured here." if any(
                 c.startswith("paper_") for c in df.columns) else "."))
+    if "status" in df.columns and (df["status"] == REPORTED_STATUS).any():
+        note += (f" Rows with status `{REPORTED_STATUS}`: methods this suite does not retrain; only their "
+                 "`paper_*` numbers (as the TFD paper reports them), no measured values.")
     if replicas:
         note += (" Rows with `seeds` > 1: mean over their training replicas (the final generator of a fixed "
                  "budget each, never best-of); `<metric>_ci95`: half-width of the 95% Student-t interval of the "
@@ -595,6 +603,10 @@ def write_manifest(cfg: Config, results_dir, runs: list[str], out, *, table: str
     entries = {}
     for rname in runs:
         run = b.runs[rname]
+        if run.reported:  # nothing was computed: the config block (label, paper numbers) only
+            entries[rname] = {"method": run.method, "label": run.label, "status": REPORTED_STATUS,
+                              "config": asdict(run)}
+            continue
         d = run_dir(results_dir, cfg.benchmark, run.method, rname)
         files = {"samples": _file_entry(d / "samples.npz")}
         made_by = {}

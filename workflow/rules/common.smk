@@ -498,6 +498,11 @@ def table1_runs():
     return BENCH_CFG.table1 or list(RUNS)
 
 
+def scored_rows(runs, bench=None):
+    """`runs` less the `reported` rows (method: reported, the paper's numbers only): the rows with files."""
+    return [r for r in runs if not BENCHES[bench or BENCH].runs[r].reported]
+
+
 def ablation_runs(name):
     return list(dict.fromkeys(run for _, run in ABLATIONS[name].variants))
 
@@ -511,14 +516,16 @@ def ablation_inputs(wildcards):
 
 def table2_runs():
     """Table 2's rows that are scored: a published row whose weights are not given shows the paper's numbers only."""
-    return [r for r in TEXT_CFG.table2 if not TEXT_CFG.runs[r].missing_weights] if TEXT_CFG else []
+    return [r for r in scored_rows(TEXT_CFG.table2, TEXT_BENCH) if not TEXT_CFG.runs[r].missing_weights] \
+        if TEXT_CFG else []
 
 
 def run_outputs(runs, bench=None):
     """A table's inputs: each row's metric files and, for training runs, train.json; a row with
-    `seeds` stands for its training replicas `<run>@s<k>` (tfd.config.expand_replicas)."""
+    `seeds` stands for its training replicas `<run>@s<k>` (tfd.config.expand_replicas). A `reported`
+    row (the paper's numbers only) has none: nothing is trained, sampled or scored for it."""
     bench = bench or BENCH
-    members = [m for r in runs for m in BENCHES[bench].row_runs(r)]
+    members = [m for r in scored_rows(runs, bench) for m in BENCHES[bench].row_runs(r)]
     return ([f for r in members for f in metric_files(r, bench)]
             + [f"{run_dir(r, bench)}/train.json" for r in members if BENCHES[bench].runs[r].trains])
 
@@ -551,13 +558,13 @@ def modes_rows():
 
 def modes_samples(wildcards):
     """What the modes figure reads: each row's samples (its first training replica's)."""
-    return {r: f"{run_dir(sample_run(r, MODES_BENCH), MODES_BENCH)}/samples.npz" for r in modes_rows()}
+    return {r: f"{run_dir(sample_run(r, MODES_BENCH), MODES_BENCH)}/samples.npz" for r in scored_rows(modes_rows(), MODES_BENCH)}
 
 
 def all_figures():
     return ([f"{FIGURES_DIR}/convergence.png", f"{FIGURES_DIR}/convergence.pdf"]
             + ([f"{FIGURES_DIR}/modes_{MODES_BENCH}.{ext}" for ext in ("png", "pdf")] if MODES_CFG is not None else [])
-            + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in table1_runs() for ext in ("png", "pdf")]
+            + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in scored_rows(table1_runs()) for ext in ("png", "pdf")]
             + [f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("png", "pdf")]
             + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")]
             + ([f"{FIGURES_DIR}/table2_prompts.{ext}" for ext in ("png", "pdf")] if TEXT_CFG is not None else []))
