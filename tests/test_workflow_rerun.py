@@ -192,7 +192,8 @@ CASES = [
          [("table2", {}), ("figure_prompts", {}), ("ablation_table", {"ablation": TEXT_ABLATIONS})]),
     # metrics and sweeps
     case("digits.eval.metrics", bench(D, eval={"metrics": ["fid_digits", "precision_digits", "recall_digits",
-                                                           "max_ssim"]}),
+                                                           "max_ssim"]},  # compare: kept metrics only
+                                      ablations={"lambda_anchor": {"compare": ["max_ssim", "recall_digits"]}}),
          [("table1", {}), ("ablation_table", {"ablation": DIGITS_ABLATIONS})]),
     case("digits.ablations.feature_noise.budgets+title",
          bench(D, ablations={"feature_noise": {"budgets": [1, 3], "title": "Noise"}}),

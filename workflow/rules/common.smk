@@ -195,9 +195,8 @@ def score_spec(wildcards):
     """score: the feature network, the image size FID sees, and the CLIP model's settings (its
     checkpoint is an input). The metric list is the rule's outputs: a new metric is a missing file."""
     b = BENCHES[wildcards.bench]
-    spec = {**extractor_settings(b), "resolution": b.eval.resolution, "bootstrap": b.eval.bootstrap}
-    if any(m.startswith("diversity_") for m in b.eval.metrics):  # only then: other runs' scores stay current
-        spec["diversity_per_condition"] = b.eval.diversity_per_condition
+    spec = {**extractor_settings(b), "resolution": b.eval.resolution, "bootstrap": b.eval.bootstrap,
+            "diversity_per_condition": b.eval.diversity_per_condition}  # always: dropping a metric reruns nothing
     if "clip_score" in b.eval.metrics:
         spec["clip"] = {"model": b.eval.clip_model, "resize": b.eval.clip_resize}
     return _spec(spec)
