@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from tfd.config import ConfigError, load_config
-from tfd.tables import t_interval, write_table
+from tfd.tables import read_csv, t_interval, write_table
 
 from tests.helpers import ROOT
 
@@ -145,10 +145,13 @@ def test_single_seed_rows_show_the_bootstrap_interval(tmp_path):
     rec = json.loads((d / "fid_digits.json").read_text())
     rec["provenance"] = {"ci95": [6.0, 9.0]}
     (d / "fid_digits.json").write_text(json.dumps(rec))
+    (tmp_path / "t_replicas.csv").write_text("run,replica,seed,fid_digits\ntfd,tfd@s0,0,5.0\n")  # an earlier config's
     df = write_table(cfg, tmp_path, tmp_path / "t.csv").set_index("run")
     assert df.loc["tfd", "fid_digits_ci95"] == 1.5 and df.loc["tfd", "ci95_over"] == "sample images (bootstrap)"
     assert "percentile-bootstrap" in (tmp_path / "t.md").read_text()
-    assert not (tmp_path / "t_replicas.csv").exists()
+    # the replicas file is one of the table's fixed outputs: header only here, the stale rows gone
+    reps = read_csv(tmp_path / "t_replicas.csv")
+    assert list(reps.columns) == ["run", "replica", "seed"] and reps.empty
 
 
 def test_ablation_with_seeds_tests_each_variant_against_the_base(tmp_path):

@@ -148,7 +148,8 @@ def test_publish_copies_what_the_readme_shows(tiny_dag, tiny_config, run_snakema
     figures = (["convergence", "diversity_lambda_anchor", "table2_prompts"] + [f"ablation_{a}" for a in abls]
                + [f"samples_{r}" for r in cfg["table1"]])
     tables = ["table1", "table2"] + [f"ablation_{a}" for a in abls]
-    want = ({f"{t}.{x}" for t in tables for x in ("csv", "md", "html", "manifest.json")} | {"convergence.csv"}
+    want = ({f"{t}{x}" for t in tables for x in (".csv", ".md", ".html", ".manifest.json", "_replicas.csv")}
+            | {"convergence.csv"}
             | {f"ablation_{a}_curves.csv" for a in abls} | {f"figures/{f}.png" for f in figures})
     got = {f.relative_to(pub).as_posix() for f in pub.rglob("*") if f.is_file()}
     assert got == want, (got - want, want - got)

@@ -415,8 +415,7 @@ def write_table(cfg: Config, results_dir, out, table: str = "table1", ref_stats=
                  f"Image i gets prompt i % {b.prompts.num_prompts} and seed base + i, whatever the batch size or "
                  "number of shards (DMD2 seeds per batch).")
     _write_csv_md(df, out, note)
-    if replicas:
-        write_csv(pd.DataFrame(replicas), replicas_path(out))
+    write_replicas(replicas, out, ["run", "replica", "seed"])
     return df
 
 
@@ -434,6 +433,14 @@ def replicas_path(out) -> Path:
     """`<table>_replicas.csv` beside `<table>.csv`: the per-replica values of rows with seeds."""
     out = Path(out)
     return out.with_name(out.stem + "_replicas.csv")
+
+
+def write_replicas(replicas: list[dict], out, key_columns: list[str]) -> None:
+    """Write `replicas_path(out)` always, so a table's outputs are one fixed set (the workflow declares
+    it and `publish` copies it): a table without rows of several seeds gets the header only
+    (`key_columns`), never a stale file from an earlier configuration."""
+    df = pd.DataFrame(replicas) if replicas else pd.DataFrame(columns=key_columns)
+    write_csv(df, replicas_path(out))
 
 
 def write_convergence(cfg: Config, results_dir, out) -> pd.DataFrame:
@@ -526,8 +533,7 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
         note += (f" `vs_base_<column>`: Welch's two-sided t-test of the variant's replica values against the base "
                  f"run's (`{abl.base}`) at the 5% level (lower / higher / n.s., with the p-value).")
     _write_csv_md(df, out, note)
-    if replicas:
-        write_csv(pd.DataFrame(replicas), replicas_path(out))
+    write_replicas(replicas, out, ["ablation", "variant", "replica"])
     if curves_out:
         write_csv(pd.DataFrame(curves), curves_out)
     return df

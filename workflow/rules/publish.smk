@@ -6,12 +6,13 @@
 import shutil
 
 PUBLISH_DIR = "docs/results"
+TABLE_FILES = (".csv", ".md", ".html", ".manifest.json", "_replicas.csv")  # _replicas: tfd.tables.write_replicas
 PUBLISHED = (
-    [f"results/table1.{ext}" for ext in ("csv", "md", "html", "manifest.json")]
+    [f"results/table1{x}" for x in TABLE_FILES]
     + ["results/convergence.csv"]
-    + ([f"results/table2.{ext}" for ext in ("csv", "md", "html", "manifest.json")] if TEXT_BENCH else [])
-    + ([f"results/table_modes.{ext}" for ext in ("csv", "md", "html", "manifest.json")] if MODES_BENCH else [])
-    + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (".csv", ".md", ".html", ".manifest.json", "_curves.csv")]
+    + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
+    + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
+    + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
     + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
 )
 KEEP = {*PUBLISHED, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)

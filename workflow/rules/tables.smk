@@ -12,6 +12,7 @@ rule table1:
         md="results/table1.md",
         html=report("results/table1.html", caption="../report/table1.rst", category="1. Tables"),
         conv="results/convergence.csv",
+        replicas="results/table1_replicas.csv",  # tfd.tables.replicas_path: per-replica values (header only: none)
         manifest="results/table1.manifest.json",
     params:
         spec=table_spec(BENCH, table1_runs()),
@@ -32,6 +33,7 @@ rule ablation_table:
         html=report("results/ablation_{ablation}.html", caption="../report/ablation_table.rst", category="2. Ablations",
                     subcategory="{ablation}"),
         curves="results/ablation_{ablation}_curves.csv",
+        replicas="results/ablation_{ablation}_replicas.csv",
         manifest="results/ablation_{ablation}.manifest.json",
     params:
         spec=ablation_spec,
@@ -57,6 +59,7 @@ if MODES_CFG is not None:
           csv="results/table_modes.csv",
           md="results/table_modes.md",
           html=report("results/table_modes.html", caption="../report/table_modes.rst", category="1. Tables"),
+          replicas="results/table_modes_replicas.csv",
           manifest="results/table_modes.manifest.json",
       params:
           spec=table_spec(MODES_BENCH, modes_rows()),

@@ -181,6 +181,7 @@ if TEXT_CFG is not None:
             csv="results/table2.csv",
             md="results/table2.md",
             html=report("results/table2.html", caption="../report/table2.rst", category="1. Tables"),
+            replicas="results/table2_replicas.csv",
             manifest="results/table2.manifest.json",
         params:
             spec=text_table_spec(TB, table2_runs()),
