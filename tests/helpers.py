@@ -69,3 +69,16 @@ def crash_and_resume(make, cfg, tmp_path):
     resumed = Trainer(make(), cfg, tmp_path / "b", progress=False)
     resumed.fit()
     return ref, resumed
+
+
+def assert_same_training_state(ref, resumed, atol: float = 1e-6) -> None:
+    """The resumed trainer equals the uninterrupted one (`crash_and_resume`'s pair): same step, every
+    trainable network's and the EMA's tensors within `atol` (0: bitwise), named on a mismatch."""
+    import torch
+
+    assert resumed.step == ref.step, (resumed.step, ref.step)
+    nets = [(f"nets.{n}", net, resumed.nets[n]) for n, net in ref.nets.items()]
+    for name, a, b in nets + ([("ema", ref.ema, resumed.ema)] if ref.ema is not None else []):
+        other = b.state_dict()
+        for k, v in a.state_dict().items():
+            assert torch.allclose(v, other[k], atol=atol, rtol=0), f"{name}.{k}"

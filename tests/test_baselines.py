@@ -16,6 +16,8 @@ from tfd.networks.edm import EDMPrecond, digits_unet_kwargs
 from tfd.sampling import StackedRandom, karras_sigmas
 from tfd.trainer import TrainCfg, Trainer
 
+from tests.helpers import assert_same_training_state
+
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])  # bottleneck 16ch 4x4
 
 
@@ -288,12 +290,7 @@ MAKERS = {
 def test_resume_is_exact(name, tmp_path, crash_and_resume):
     ref, resumed = crash_and_resume(MAKERS[name], cfg(ema_halflife_steps=2.0), tmp_path)
     assert resumed.step == 6
-    for net_name, net in ref.nets.items():
-        other = resumed.nets[net_name].state_dict()
-        for k, v in net.state_dict().items():
-            assert torch.allclose(v, other[k], atol=1e-6, rtol=0), f"{net_name}.{k}"
-    for (k, v), v2 in zip(ref.ema.state_dict().items(), resumed.ema.state_dict().values()):
-        assert torch.allclose(v, v2, atol=1e-6, rtol=0), k
+    assert_same_training_state(ref, resumed)
     assert load_denoiser(tmp_path / "b" / "generator.safetensors").num_conditions == 10
 
 

@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pytest
 
+from tests.helpers import assert_same_training_state
+
 # -- diversity (DP-DMD) ---------------------------------------------------------------------------
 
 
@@ -361,7 +363,6 @@ def test_dmd_lpips_only_from_a_local_file(pairs_file, tmp_path):
 
 
 def test_dmd_resume_is_exact(pairs_file, tmp_path, crash_and_resume):
-    import torch
 
     from tfd.addons import build_addons
     from tfd.denoiser import load_denoiser
@@ -372,12 +373,7 @@ def test_dmd_resume_is_exact(pairs_file, tmp_path, crash_and_resume):
         return m
     ref, resumed = crash_and_resume(make, train_cfg(ema_halflife_steps=2.0), tmp_path)
     assert resumed.step == 6
-    for net_name, net in ref.nets.items():
-        other = resumed.nets[net_name].state_dict()
-        for k, v in net.state_dict().items():
-            assert torch.allclose(v, other[k], atol=1e-6, rtol=0), f"{net_name}.{k}"
-    for (k, v), v2 in zip(ref.ema.state_dict().items(), resumed.ema.state_dict().values()):
-        assert torch.allclose(v, v2, atol=1e-6, rtol=0), k
+    assert_same_training_state(ref, resumed)
     assert load_denoiser(tmp_path / "b" / "generator.safetensors").num_conditions == 10
 
 

@@ -33,6 +33,8 @@ from tfd.positives import (
 )
 from tfd.t2i_tiny import build_random_pipeline_folder
 
+from tests.helpers import assert_same_training_state
+
 # prompt 1 has 5 real matches (>= N+ = 4), prompt 2 two, prompt 3 none
 CAPTIONS = {1: ["a red square", "A  red square."], 2: ["a red square"], 3: ["a red square"], 4: ["a red square"],
             5: ["a red square", "a blue circle"], 6: ["a blue circle"], 7: ["something else"]}
@@ -227,6 +229,4 @@ def test_exact_resume_on_text(method, text_teacher, setup, crash_and_resume, tmp
     cfg = TrainCfg(steps=6, lr=1e-4, warmup_steps=2, checkpoint_every=3, log_every=1)
     ref, resumed = crash_and_resume(make, cfg, tmp_path)
     assert resumed.step == 6
-    for name in ref.nets:
-        for (k, v), v2 in zip(ref.nets[name].state_dict().items(), resumed.nets[name].state_dict().values()):
-            assert torch.allclose(v, v2, atol=1e-6, rtol=0), (name, k)
+    assert_same_training_state(ref, resumed)

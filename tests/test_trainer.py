@@ -6,7 +6,7 @@ import torch
 
 from tfd.trainer import NonFiniteLoss, TrainCfg, Trainer
 
-from tests.helpers import make_method
+from tests.helpers import assert_same_training_state, make_method
 
 
 def cfg(**kw):
@@ -17,10 +17,7 @@ def cfg(**kw):
 def test_resume_after_crash_equals_uninterrupted(tmp_path, crash_and_resume):
     ref, resumed = crash_and_resume(make_method, cfg(), tmp_path)
     assert resumed.step == 6
-    for k, v in ref.nets["generator"].state_dict().items():
-        assert torch.allclose(v, resumed.nets["generator"].state_dict()[k], atol=1e-6, rtol=0), k
-    for (k, v), v2 in zip(ref.ema.state_dict().items(), resumed.ema.state_dict().values()):
-        assert torch.allclose(v, v2, atol=1e-6, rtol=0), k
+    assert_same_training_state(ref, resumed)
     stats = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats][-1] == 6
     assert any(k.startswith("drift_raw") for k in stats[-1])
