@@ -45,7 +45,8 @@ if TEXT_CFG is not None:
                 spec=_spec({**dataclasses.asdict(TEXT_CFG.teacher.vae), "resolution": TEXT_CFG.resolution}),
             log:
                 f"logs/{TB}/train_vae.log",
-            threads: 2
+            threads: 1
+            priority: LONG_POLE_PRIORITY  # the text benchmark's serial chain: start it first
             shell:
                 f"OMP_NUM_THREADS={{threads}} tfd train-vae --config {{CONFIG_FILE}} --bench {TB} --no-progress "
                 f"--data-dir {{input}} --out {{output}} > {{log}} 2>&1"
@@ -60,7 +61,8 @@ if TEXT_CFG is not None:
                 spec=teacher_spec(TB),
             log:
                 f"logs/{TB}/train_t2i_teacher.log",
-            threads: 2
+            threads: 1
+            priority: LONG_POLE_PRIORITY  # the text benchmark's serial chain: start it first
             resources:
                 runtime=60,
             shell:
@@ -96,7 +98,8 @@ if TEXT_CFG is not None:
             flags=lambda wc, input: f"--data-dir {input.data}" if "data" in input.keys() else "",
         log:
             f"logs/{TB}/latents_{{lkey}}.log",
-        threads: 2
+        threads: 1
+        priority: LONG_POLE_PRIORITY  # the text benchmark's serial chain: start it first
         resources:
             gpu=1,
         shell:
@@ -113,7 +116,8 @@ if TEXT_CFG is not None:
             latents=lambda wc, input: f"--latents {input.latents}" if "latents" in input.keys() else "",
         log:
             f"logs/{TB}/positives_{{key}}_{{k}}of{{n}}.log",
-        threads: 2
+        threads: 1
+        priority: LONG_POLE_PRIORITY  # the text benchmark's serial chain: start it first
         resources:
             gpu=1,
         shell:
@@ -145,7 +149,7 @@ if TEXT_CFG is not None:
                 outdir=lambda wc, output: str(Path(output.clip).parent),
             log:
                 f"logs/{TB}/train_clip.log",
-            threads: 2
+            threads: 1
             shell:
                 f"OMP_NUM_THREADS={{threads}} tfd train-clip --config {{CONFIG_FILE}} --bench {TB} --no-progress "
                 f"--data-dir {{input}} --out-dir {{params.outdir}} > {{log}} 2>&1"
