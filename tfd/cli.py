@@ -440,6 +440,24 @@ def cmd_ablation(args):
     print(df.to_string(index=False))
 
 
+def cmd_plan(args):
+    from pathlib import Path
+
+    from tfd.config import load_config
+    from tfd.plan import format_plan, jobs_from_config, jobs_from_dry_run, load_costs, make_plan, parse_dry_run
+    cfg = load_config(_config_files(args))
+    costs = load_costs(args.costs) if args.costs else None
+    if args.jobs:
+        text = Path(args.jobs).read_text() if args.jobs != "-" else sys.stdin.read()
+        jobs, other = jobs_from_dry_run(cfg, parse_dry_run(text, args.jobs), args.distill_gpus)
+        source = f"the dry run {args.jobs} ({len(jobs)} GPU jobs, {other} CPU jobs not costed)"
+    else:
+        benches = [args.bench] if args.bench else [cfg.benchmark] + ([cfg.text_benchmark] if cfg.text_benchmark else [])
+        jobs = jobs_from_config(cfg, benches, args.distill_gpus)
+        source = f"the tables and sweeps of {', '.join(benches)}"
+    print(format_plan(make_plan(jobs, costs, args.gpus), costs, source))
+
+
 def cmd_convert_edm(args):
     from tfd.networks.convert import convert_edm_pickle
     info = convert_edm_pickle(args.pkl, args.out)
@@ -608,6 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
         t.add_argument("--prompts", default=None, help="(manifest) the prompt table of a text benchmark")
         t.add_argument("--clip-checkpoint", default=None, help="(manifest) the CLIP model of clip_score")
+    s = add("plan", cmd_plan, "GPU-hours per job kind and in total, and the wall time on --gpus GPUs, of the tables "
+            "and sweeps of the benchmark(s) (or of a Snakemake dry run's jobs), from the unit costs measured by "
+            "benchmarks/bench_gpu.py; without them it says what is not measured")
+    s.add_argument("--costs", default=None, help="the JSON of benchmarks/bench_gpu.py --out (default: none)")
+    s.add_argument("--jobs", default=None, help="the saved output of `snakemake -n TARGETS` ('-': stdin); "
+                   "default: every table row and sweep of the config's benchmark and text benchmark")
+    s.add_argument("--gpus", type=int, default=8, help="GPUs for the wall-time estimate (default 8)")
+    s.add_argument("--distill-gpus", type=int, default=1,
+                   help="GPUs (torchrun ranks) per distill job, as set-resources distill: gpu (default 1)")
     from tfd.figures import add_figure_parser
     add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP
