@@ -186,8 +186,7 @@ def bench_train(run, teacher, data, device, dtype: str, iters: int, peak: float 
             for _ in range(cycle):
                 trainer.train_one_step()
         _reset_peak(device)
-        run_cycle()  # warm-up (allocator, cuDNN autotuning)
-        flops = count_flops(run_cycle) // cycle
+        flops = count_flops(run_cycle) // cycle  # also the warm-up (allocator, cuDNN autotuning)
         s = seconds_per_call(run_cycle, device, reps=n // cycle, warmup=0) / cycle
     tflops = flops / s / 1e12
     batch = ({"batch_per_rank": p.batch_per_rank} if hasattr(p, "batch_per_rank") else
