@@ -383,8 +383,10 @@ def cmd_sample(args):
     made_by = args.generator or args.teacher  # what the images come from: a merge refuses shards of two
     arrays["source"] = np.array(f"{cfg.benchmark}/{args.run} {Path(made_by).name} sha256:{path_sha256(made_by)[:16]}")
     save_npz(args.out, arrays)
+    dt = time.time() - t0
     print(f"{len(arrays['arr_0'])} samples ({args.run}, shard {shard[0]}/{shard[1]}) "
-          f"in {time.time() - t0:.1f} s -> {args.out}")
+          f"in {dt:.1f} s ({len(arrays['arr_0']) / max(dt, 1e-9):.2f} images/s, batch "
+          f"{args.batch_size or b.eval.batch_size}, {device}) -> {args.out}")
 
 
 def cmd_merge_samples(args):
@@ -400,6 +402,9 @@ def cmd_score(args):
     from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
+    if args.batch_size or b.eval.score_batch_size:
+        extractor.batch_size = args.batch_size or b.eval.score_batch_size
+    t0 = time.time()
     clip = {"bootstrap": b.eval.bootstrap, "diversity_per_condition": b.eval.diversity_per_condition,
             "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
             "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
@@ -407,6 +412,10 @@ def cmd_score(args):
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
                         ref_stats_path=args.ref_stats, device=extractor.device, config=clip,
                         prompts=_prompts(args, b), resolution=b.eval.resolution, spec=sample_spec(b, args.num))
+    dt = time.time() - t0
+    n = args.num if args.num is not None else b.eval.num_samples
+    print(f"scored {n} samples in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s incl. reading and metrics, "
+          f"feature batch {getattr(extractor, 'batch_size', None)}, {extractor.device})", file=sys.stderr)
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
@@ -602,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None,
                    help="where the feature extractor and CLIP run (default: cuda if available, else cpu)")
     s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table the samples were drawn with")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="images per feature-network call (default: eval.score_batch_size, else the extractor's own)")
     s.add_argument("--clip-checkpoint", default=None,
                    help="clip_score: open_clip checkpoint (default: eval.clip_checkpoint)")
     s.add_argument("--clip-model-config", default=None,
