@@ -32,6 +32,8 @@ from eval.errors import BadFile, UserError
 
 COSTS_SCHEMA = "tfd.bench_gpu/1"
 NOT_MEASURED = "not measured: run benchmarks/bench_gpu.py on the target GPU (then tfd plan --costs FILE)"
+NOT_COUNTED = ("not counted: CPU rules (ref_stats, merges, tables), CLIP score, latents; positives are an upper "
+               "bound (prompts with matching real images need fewer teacher samples)")
 KINDS = ("distill", "sample", "score", "teacher pairs", "positives")
 SCORE_RULES = ("score", "score_text", "score_modes")
 
@@ -280,4 +282,5 @@ def format_plan(plan: Plan, costs: dict | None, source: str) -> str:
         err = costs["jobs"].get(key, {}).get("error")
         why = f"measurement failed ({err})" if err else NOT_MEASURED
         lines.append(f"{key}: {why}; left out of the totals: {len(who)} job(s), e.g. {who[0]}")
+    lines.append(NOT_COUNTED)
     return "\n".join(lines)
