@@ -9,8 +9,8 @@ Two models with random weights (no download), built from this repository's own c
   runs `tfd` and `dmd2`; random latents stand in for the positives cache.
 
 Per model it measures, with `tfd.trainer.Trainer.train_one_step` (method step under the trainer's
-autocast, backward, clipping, AdamW; DMD2 over whole `dfake_gen_update_ratio` cycles, so one generator
-update per ratio fake-score updates): seconds per iteration, FLOPs per iteration
+autocast, backward, clipping, AdamW, the run's add-ons; DMD2 over whole `dfake_gen_update_ratio` cycles,
+so one generator update per ratio fake-score updates): seconds per iteration, FLOPs per iteration
 (`torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention, forward and backward,
 gradient-checkpointing recomputation included), achieved TFLOP/s and MFU against the device's bf16 dense
 peak (`PEAK_BF16_TFLOPS`, NVIDIA datasheets; an unknown device, or the CPU, gives MFU null unless
@@ -25,7 +25,7 @@ far (`resource.getrusage`, cumulative over the jobs run before).
 
 `--tiny`: same code paths at tiny shapes (8x8 EDM UNet, 10 classes; SDXL topology at width 32 on 8x8
 latents; small batches): runs in seconds on a CPU; its numbers are not the paper's (`"tiny": true`).
-`--batch N`: training batch per rank (DMD2 `batch_per_rank`; TFD `groups_per_rank = max(1, N // n_gen)`)
+`--batch N`: training batch per rank (`batch_per_rank`; TFD `groups_per_rank = max(1, N // n_gen)`)
 and sampling/Inception batch; default: the config's.
 
 Output (`--out`, JSON, written atomically; read by `tfd plan`, schema `SCHEMA`):
@@ -34,7 +34,7 @@ Output (`--out`, JSON, written atomically; read by `tfd plan`, schema `SCHEMA`):
      "torch": str, "tiny": bool, "peak_bf16_tflops": float | null, "memory": "cuda_max_allocated" | "cpu_max_rss",
      "jobs": {"<bench>/<kind>": {...}, "inception": {...}}}
 
-    train jobs (`<bench>/tfd`, `<bench>/dmd2`): kind "train", bench, method, params (count of the
+    train jobs (`<bench>/<run>`: `--runs`, default tfd and dmd2): kind "train", bench, run, method, params (count of the
       teacher), batch (per rank), seconds_per_iter, flops_per_iter, tflops_per_s, mfu (null: peak
       unknown), peak_memory_mb, iters (timed); a job that raised has kind, bench, method and `error`
       (the exception's type and first line) instead of numbers
@@ -65,11 +65,11 @@ SCHEMA = "tfd.bench_gpu/1"
 # bf16 dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets (H100/H200 SXM, H100 PCIe, A100, L40S);
 # matched as substrings of torch.cuda.get_device_name(), first match wins (PCIe before the SXM name).
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.05))
+# --tiny: params overrides per method (TFD's layers exist in the tiny 8x8 UNet); others: batch_per_rank 2-4
 TINY = {"imagenet64": {"tfd": {"layers": ["enc:2", "bottleneck", "dec:6"], "groups_per_rank": 2, "n_gen": 2,
-                               "n_pos": 2, "n_anchor": 2, "pool": 2},
-                       "dmd2": {"batch_per_rank": 4}},
-        "coco2014": {"tfd": {"groups_per_rank": 1, "n_gen": 2, "n_pos": 2, "n_anchor": 2, "pool": 1},
-                     "dmd2": {"batch_per_rank": 2}}}
+                               "n_pos": 2, "n_anchor": 2, "pool": 2}},
+        "coco2014": {"tfd": {"groups_per_rank": 1, "n_gen": 2, "n_pos": 2, "n_anchor": 2, "pool": 1}}}
+TINY_BATCH = {"imagenet64": 4, "coco2014": 2}
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -168,16 +168,36 @@ def synthetic_data(teacher, num_conditions: int, device: torch.device):
 
 
 # -- jobs --------------------------------------------------------------------------------------
+def random_pairs(teacher, n: int = 64) -> dict:
+    """DMD's teacher pairs `{index, noise, target, cond}` (`tfd.pairs.load_pairs`' tensors) with random values."""
+    shape = teacher.sample_shape
+    return {"index": torch.arange(n), "noise": torch.randn(n, *shape), "target": torch.randn(n, *shape),
+            "cond": torch.randint(max(getattr(teacher, "num_conditions", 1), 1), (n,))}
+
+
+def update_cycle(params) -> int:
+    """Iterations of one whole update cycle (every network stepped in its proportion): DMD2 / DMD
+    `dfake_gen_update_ratio`, DP-DMD `fake_updates_per_student + 1`, else 1."""
+    if hasattr(params, "fake_updates_per_student"):
+        return int(params.fake_updates_per_student) + 1
+    return int(getattr(params, "dfake_gen_update_ratio", 1))
+
+
 def bench_train(run, teacher, data, device, dtype: str, iters: int, peak: float | None, params: dict) -> dict:
     """One training job: `run` (a config `RunCfg`) with `params` overrides, timed over >= `iters`
-    iterations (whole DMD2 cycles). Returns the train job record (module docstring)."""
+    iterations (whole update cycles, `update_cycle`), generator-loss add-ons included. Returns the
+    train job record (module docstring)."""
+    from tfd.addons import build_addons
     from tfd.methods import get_method
     from tfd.trainer import Trainer
     torch.manual_seed(0)
     p = dataclasses.replace(run.params, **params)
-    method = get_method(run.method)(teacher, data, p, device=device)
+    cls = get_method(run.method)
+    kw = {"pairs": random_pairs(teacher)} if getattr(cls, "needs_pairs", False) else {}
+    method = cls(teacher, data, p, device=device, **kw)
+    method.addons = build_addons(run.addons, teacher.sample_shape, device)  # as tfd.runs.build_method
     cfg = dataclasses.replace(run.train, precision=dtype, ema_halflife_steps=0.0)
-    cycle = int(getattr(p, "dfake_gen_update_ratio", 1))
+    cycle = update_cycle(p)
     n = max(1, -(-iters // cycle)) * cycle
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, cfg, tmp, device=device, progress=False)
@@ -255,20 +275,27 @@ def bench_model(bench: str, b, a, device, peak) -> dict[str, dict]:
         teacher = edm_teacher(a.tiny, device)
     data, conditions = synthetic_data(teacher, 10 if a.tiny and b.num_classes else b.num_classes, device)
     out = {}
-    for name in ("tfd", "dmd2"):
+    for name in [r for r in a.runs.split(",") if r]:
+        if name not in b.runs or not b.runs[name].trains:
+            raise SystemExit(f"--runs: {name!r} is not a training run of {bench} "
+                             f"(training runs: {', '.join(n for n, r in b.runs.items() if r.trains)})")
         run = b.runs[name]
-        over = dict(TINY[bench][name]) if a.tiny else {}
+        over = {}
+        if a.tiny:
+            over = dict(TINY[bench].get(run.method) or {"batch_per_rank": TINY_BATCH[bench]})
+            if getattr(run.params, "regression_batch_per_rank", None):
+                over["regression_batch_per_rank"] = TINY_BATCH[bench]
         if a.batch:
-            over.update({"batch_per_rank": a.batch} if run.method == "dmd2" else
-                        {"groups_per_rank": max(1, a.batch // over.get("n_gen", run.params.n_gen))})
+            over.update({"groups_per_rank": max(1, a.batch // over.get("n_gen", run.params.n_gen))}
+                        if hasattr(run.params, "groups_per_rank") else {"batch_per_rank": a.batch})
         try:
             rec = bench_train(run, teacher, data, device, a.dtype, a.iters, peak, over)
         except Exception as e:  # recorded, not hidden: `tfd plan` reports the job as not measured, with this
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            out[f"{bench}/{name}"] = {"bench": bench, "kind": "train", "method": run.method, "error": msg}
+            out[f"{bench}/{name}"] = {"bench": bench, "run": name, "kind": "train", "method": run.method, "error": msg}
             print(f"{bench}/{name}: FAILED {msg}", flush=True)
             continue
-        out[f"{bench}/{name}"] = {"bench": bench, **rec}
+        out[f"{bench}/{name}"] = {"bench": bench, "run": name, **rec}
         print(f"{bench}/{name}: {rec['seconds_per_iter']:.4f} s/iter, {rec['flops_per_iter'] / 1e12:.4f} TFLOP/iter, "
               f"{rec['tflops_per_s']:.3f} TFLOP/s, MFU {rec['mfu'] if rec['mfu'] is None else round(rec['mfu'], 4)}, "
               f"peak {rec['peak_memory_mb']:.0f} MiB", flush=True)
@@ -294,6 +321,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test; not the paper's numbers)")
     ap.add_argument("--batch", type=int, default=None, help="training batch per rank and sampling batch")
     ap.add_argument("--models", default="imagenet64,coco2014", help="benchmarks to run, comma-separated")
+    ap.add_argument("--runs", default="tfd,dmd2", help="training runs of each benchmark to time (config run names; "
+                    "e.g. tfd,dmd2,dmd2_nogan,dmd,cd_l2,dpdmd on imagenet64)")
     ap.add_argument("--iters", type=int, default=10, help="timed training iterations (whole DMD2 cycles)")
     ap.add_argument("--heun-steps", type=int, default=4, help="Heun steps of the teacher-sampler timing")
     ap.add_argument("--sample-batches", type=int, default=2, help="timed batches of sampling and Inception")

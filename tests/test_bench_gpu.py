@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from tfd.config import load_config
-from tfd.plan import NOT_MEASURED, format_plan, jobs_from_config, jobs_from_dry_run, make_plan, parse_dry_run
+from tfd.plan import (
+    NOT_MEASURED,
+    format_plan,
+    jobs_from_config,
+    jobs_from_dry_run,
+    make_plan,
+    parse_dry_run,
+    train_record,
+)
 
 from tests.helpers import ROOT
 
@@ -72,7 +80,7 @@ MINI = {"benchmark": "mini", "text_benchmark": None, "modes_benchmark": None, "b
              "cd": {"method": "cd", "train": {"steps": 10}},
              "paper_x": {"method": "reported", "nfe": 1, "paper": {"fid": 1.0}}}}}}
 COSTS = {"schema": "tfd.bench_gpu/1", "device": "made up", "dtype": "bf16", "torch": "x", "tiny": False, "jobs": {
-    "mini/tfd": {"kind": "train", "seconds_per_iter": 36.0},
+    "mini/tfd": {"kind": "train", "bench": "mini", "run": "tfd", "method": "tfd", "seconds_per_iter": 36.0},
     "mini/onestep": {"kind": "sample", "seconds_per_image_per_nfe": 9.0},
     "mini/heun": {"kind": "sample", "seconds_per_image_per_nfe": 18.0},
     "inception": {"kind": "features", "seconds_per_image": 3.6}}}
@@ -104,6 +112,16 @@ def test_plan_arithmetic_by_hand(mini):
     assert plan.wall_h == pytest.approx(max(total / 2, (3852 + 90 + 72) / 3600))
     text = format_plan(plan, COSTS, "mini")
     assert f"mini/cd: {NOT_MEASURED}" in text and f"{total:.1f}" in text
+
+
+def test_train_record_prices_a_run_by_itself_else_by_its_method():
+    rec = {k: {"kind": "train", "bench": "b", "run": k[2:], "method": m, "seconds_per_iter": s}
+           for k, m, s in (("b/tfd", "tfd", 1.0), ("b/tfd_el", "tfd", 2.0), ("b/cd_l2", "cd", 3.0))}
+    costs = {"jobs": {**rec, "c/tfd": {**rec["b/tfd"], "bench": "c"}}}
+    assert train_record(costs, "b", "tfd_el@s1", "tfd") is rec["b/tfd_el"]       # a replica: its run's record
+    assert train_record(costs, "b", "feature_noise__0.5", "tfd") is rec["b/tfd"]  # a sweep value: the method's run
+    assert train_record(costs, "b", "cd_huber", "cd") is rec["b/cd_l2"]           # any run of the method
+    assert train_record(costs, "b", "dmd", "dmd") is None and train_record(None, "b", "tfd", "tfd") is None
 
 
 def test_plan_from_dry_run_equals_config(mini):

@@ -3,7 +3,9 @@ jobs of a Snakemake dry run) times measured unit costs from `benchmarks/bench_gp
 
 Work per GPU job (rules with `resources: gpu`; the others run on CPUs and are not costed):
 
-* distill `<run>`: `train.steps` iterations x `"<bench>/<method>".seconds_per_iter`, plus its convergence
+* distill `<run>`: `train.steps` iterations x `"<bench>/<run>".seconds_per_iter` when that run was measured
+  (`bench_gpu.py --runs`), else the method's config run's `"<bench>/<method>"` (`tfd`, `dmd2`: variants such
+  as `dmd2_nogan`, few-step rows and sweep values are priced at it), plus its convergence
   record (`steps // train.eval_every` points x `eval.convergence_samples` images, each one generator call
   `"<bench>/onestep"` + Inception features `"inception"`); x `distill_gpus` ranks (torchrun: the per-rank
   batch is the measured one, so a G-rank job costs G GPUs for the same wall time);
@@ -49,6 +51,7 @@ class Job:
     work: dict[str, float] = field(default_factory=dict)
     gpus: int = 1
     shard: str = ""
+    method: str = ""                  # distill: the run's method (its work key is `<bench>/<method>`)
 
 
 def _run_jobs(b, bench: str, name: str, distill_gpus: int) -> list[Job]:
@@ -71,7 +74,7 @@ def distill_job(b, bench: str, name: str, gpus: int = 1) -> Job:
     if run.train.eval_every > 0:
         n = run.train.steps // run.train.eval_every * ev.convergence_samples
         work.update({f"{bench}/onestep": n * run_nfe_of(b, name), "inception": n})
-    return Job("distill", bench, name, work, gpus=gpus)
+    return Job("distill", bench, name, work, gpus=gpus, method=run.method)
 
 
 def run_nfe_of(b, name: str) -> int:
@@ -192,9 +195,23 @@ def load_costs(path: str | Path) -> dict:
     return d
 
 
-def unit_seconds(costs: dict | None, key: str) -> Optional[float]:
-    """Seconds per unit of cost key `key` (per iteration, per image-NFE, per image); None when not measured."""
-    rec = (costs or {}).get("jobs", {}).get(key)
+def train_record(costs: dict | None, bench: str, run: str, method: str) -> Optional[dict]:
+    """The measured training record that prices run `run` (method `method`) of `bench`: its own
+    (`<bench>/<run>`, replicas `<run>@s<k>` included), else the method's config run `<bench>/<method>`,
+    else any measured run of that method; None when none is."""
+    jobs = (costs or {}).get("jobs", {})
+    same = {k: r for k, r in sorted(jobs.items())
+            if r.get("kind") == "train" and r.get("bench") == bench and r.get("method") == method}
+    for key in (f"{bench}/{run.split('@', 1)[0]}", f"{bench}/{method}", *same):
+        if key in same:
+            return same[key]
+    return None
+
+
+def unit_seconds(costs: dict | None, key: str, rec: Optional[dict] = None) -> Optional[float]:
+    """Seconds per unit of cost key `key` (per iteration, per image-NFE, per image), or of the record
+    `rec` when given; None when not measured or when its measurement failed."""
+    rec = rec if rec is not None else (costs or {}).get("jobs", {}).get(key)
     if not rec or rec.get("error"):
         return None
     if rec["kind"] == "train":
@@ -209,7 +226,8 @@ def job_hours(job: Job, costs: dict | None) -> tuple[Optional[float], list[str]]
     wall hours x `job.gpus`."""
     secs, missing = 0.0, []
     for key, units in job.work.items():
-        s = unit_seconds(costs, key)
+        train = job.kind == "distill" and key == f"{job.bench}/{job.method}"
+        s = unit_seconds(costs, key, train_record(costs, job.bench, job.run, job.method) if train else None)
         if s is None:
             missing.append(key)
         else:
