@@ -135,6 +135,10 @@ def test_plan_from_dry_run_equals_config(mini):
     blocks.append("localrule table1:\n    input: a\n    jobid: 9\n")
     jobs, other = jobs_from_dry_run(cfg, parse_dry_run("\n".join(blocks) + "\nJob stats:\n"))
     assert other == 1
+    # text rules have no bench wildcard: it comes from the output path
+    text = ("rule positives_shard:\n    input: x\n    output: results/coco2014/positives/abc/shard0of2.safetensors\n"
+            "    jobid: 3\n    wildcards: key=abc, k=0, n=2\n")
+    assert parse_dry_run(text) == [("positives_shard", {"key": "abc", "k": "0", "n": "2", "bench": "coco2014"})]
     assert make_plan(jobs, COSTS, 2) == make_plan(jobs_from_config(cfg, ["mini"]), COSTS, 2)
 
 

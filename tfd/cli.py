@@ -460,7 +460,7 @@ def cmd_plan(args):
         text = Path(args.jobs).read_text() if args.jobs != "-" else sys.stdin.read()
         jobs, other = jobs_from_dry_run(cfg, parse_dry_run(text, args.jobs), args.distill_gpus)
         jobs = [j for j in jobs if not args.bench or j.bench == args.bench]
-        source = f"the dry run {args.jobs} ({len(jobs)} GPU jobs, {other} CPU jobs not costed)"
+        source = f"the dry run {args.jobs} ({len(jobs)} jobs priced, {other} other jobs not costed)"
     else:
         benches = [args.bench] if args.bench else [cfg.benchmark] + ([cfg.text_benchmark] if cfg.text_benchmark else [])
         jobs = jobs_from_config(cfg, benches, args.distill_gpus)

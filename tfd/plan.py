@@ -138,15 +138,30 @@ def jobs_from_config(cfg, benches: list[str], distill_gpus: int = 1) -> list[Job
 
 def parse_dry_run(text: str, where: str = "dry run") -> list[tuple[str, dict[str, str]]]:
     """(rule, wildcards) of every job block (`rule NAME:` ... `wildcards: k=v, ...`) in the output of
-    `snakemake -n` (without --quiet). UserError naming `where` when there is none."""
+    `snakemake -n` (without --quiet); a job without a `bench` wildcard (the text rules) gets the one of
+    its output path `results/<bench>/...`. UserError naming `where` when there is no job."""
     jobs = []
     for m in re.finditer(r"^(?:local)?rule (\S+):\n((?:[ \t]+.*\n?)*)", text, re.M):
         wc = re.search(r"^\s+wildcards: (.*)$", m.group(2), re.M)
-        pairs = [kv.split("=", 1) for kv in wc.group(1).split(", ")] if wc else []
-        jobs.append((m.group(1), {k.strip(): v.strip() for k, v in pairs}))
+        pairs = dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}
+        out = re.search(r"^\s+output: results/([^/\s]+)/", m.group(2), re.M)
+        if "bench" not in pairs and out:
+            pairs["bench"] = out.group(1)
+        jobs.append((m.group(1), {k.strip(): v.strip() for k, v in pairs.items()}))
     if not jobs:
         raise UserError(f"{where}: no jobs found; give the output of `snakemake -n TARGETS` (without --quiet)")
     return jobs
+
+
+SAME_CONFIG = "give tfd plan the config files the dry run used (e.g. --config config.yaml --config site.yaml)"
+
+
+def _find_run(b, bench: str, what: str, pred) -> str:
+    """The first training run of `b` for which `pred(name, run)` holds; UserError naming `what` otherwise."""
+    name = next((n for n, r in b.runs.items() if r.trains and pred(n, r)), None)
+    if name is None:
+        raise UserError(f"dry run: {what} of {bench} matches no training run of the config: {SAME_CONFIG}")
+    return name
 
 
 def jobs_from_dry_run(cfg, dry: list[tuple[str, dict[str, str]]], distill_gpus: int = 1) -> tuple[list[Job], int]:
@@ -157,8 +172,13 @@ def jobs_from_dry_run(cfg, dry: list[tuple[str, dict[str, str]]], distill_gpus: 
     from tfd.positives import positives_key
     jobs, other = [], 0
     for rule, wc in dry:
-        bench = wc.get("bench") or cfg.text_benchmark
-        b = cfg.bench(bench) if bench else None
+        bench = wc.get("bench")
+        if bench is None or bench not in cfg.benchmarks:  # a CPU rule without one (tables), or not a benchmark
+            other += 1
+            continue
+        b = cfg.bench(bench)
+        if "run" in wc and wc["run"] not in b.runs:
+            raise UserError(f"dry run: run {wc['run']!r} of {bench} is not in the config: {SAME_CONFIG}")
         if rule == "distill":
             jobs.append(distill_job(b, bench, wc["run"], distill_gpus))
         elif rule == "sample_shard":
@@ -167,12 +187,13 @@ def jobs_from_dry_run(cfg, dry: list[tuple[str, dict[str, str]]], distill_gpus: 
         elif rule in SCORE_RULES:
             jobs.append(Job("score", bench, wc["run"], {"inception": b.eval.num_samples}))
         elif rule == "teacher_pairs":
-            name = next(n for n, r in b.runs.items() if r.trains and getattr(r.params, "pairs_num", None)
-                        and pairs_key(pairs_settings(r.params)) == wc["pkey"])
+            name = _find_run(b, bench, f"teacher pairs cache {wc['pkey']}", lambda n, r: getattr(
+                r.params, "pairs_num", None) and pairs_key(pairs_settings(r.params)) == wc["pkey"])
             n = len(shard_indices(b.runs[name].params.pairs_num, int(wc["k"]), int(wc["n"])))
             jobs.append(pairs_job(b, bench, name, n, f"{wc['k']}of{wc['n']}"))
         elif rule == "positives_shard":
-            name = next(n for n, r in b.runs.items() if r.trains and positives_key(b.positives_for(n)) == wc["key"])
+            name = _find_run(b, bench, f"positives cache {wc['key']}",
+                             lambda n, r: positives_key(b.positives_for(n)) == wc["key"])
             p = b.positives_for(name)
             n = len(shard_indices(p.num_prompts, int(wc["k"]), int(wc["n"])))
             jobs.append(positives_job(b, bench, name, n, f"{wc['k']}of{wc['n']}"))
