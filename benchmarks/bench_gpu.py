@@ -36,7 +36,7 @@ Output (`--out`, JSON, written atomically; read by `tfd plan`, schema `SCHEMA`):
 
     train jobs (`<bench>/<run>`: `--runs`, default tfd and dmd2): kind "train", bench, run, method, params (count of the
       teacher), batch (per rank), seconds_per_iter, flops_per_iter, tflops_per_s, mfu (null: peak
-      unknown), peak_memory_mb, iters (timed); a job that raised has kind, bench, method and `error`
+      unknown), peak_memory_mb, iters (timed); a job that raised has kind, bench, run, method and `error`
       (the exception's type and first line) instead of numbers
     sample jobs (`<bench>/onestep`: one generator call per image; `<bench>/heun`: the teacher's Heun
       sampler, cost per network evaluation): kind "sample", bench, nfe, batch, seconds_per_image,
@@ -277,8 +277,9 @@ def bench_model(bench: str, b, a, device, peak) -> dict[str, dict]:
     out = {}
     for name in [r for r in a.runs.split(",") if r]:
         if name not in b.runs or not b.runs[name].trains:
-            raise SystemExit(f"--runs: {name!r} is not a training run of {bench} "
-                             f"(training runs: {', '.join(n for n, r in b.runs.items() if r.trains)})")
+            print(f"{bench}/{name}: skipped, not a training run of {bench} "
+                  f"(its training runs: {', '.join(n for n, r in b.runs.items() if r.trains)})", flush=True)
+            continue
         run = b.runs[name]
         over = {}
         if a.tiny:
