@@ -25,6 +25,8 @@ far (`resource.getrusage`, cumulative over the jobs run before).
 
 `--tiny`: same code paths at tiny shapes (8x8 EDM UNet, 10 classes; SDXL topology at width 32 on 8x8
 latents; small batches): runs in seconds on a CPU; its numbers are not the paper's (`"tiny": true`).
+`--count-only`: only the forward GFLOPs per image of both models at the paper's shapes, counted on the
+`meta` device (seconds on any machine).
 `--batch N`: training batch per rank (`batch_per_rank`; TFD `groups_per_rank = max(1, N // n_gen)`)
 and sampling/Inception batch; default: the config's.
 
@@ -165,6 +167,24 @@ def synthetic_data(teacher, num_conditions: int, device: torch.device):
     teacher.bind_prompts(table)
     lat = torch.randn(16, 4, *teacher.sample_shape, generator=gen)
     return PositivesSampler(lat, torch.arange(16), gen, device), table
+
+
+def forward_gflops_meta(unet_config: dict | None = None) -> dict[str, float]:
+    """GFLOPs of one forward pass per image at the paper's shapes, counted on the `meta` device (no
+    memory, no device needed): the ImageNet-64 teacher (3x64x64, class label) and SDXL's UNet (4x128x128
+    latents, 77x2048 text embeddings). Device-independent: a check on the GPU run's FLOPs per iteration."""
+    from diffusers import UNet2DConditionModel
+
+    from tfd.networks.edm import EDMPrecond, imagenet64_adm_kwargs
+    with torch.device("meta"):
+        edm = EDMPrecond(**{**imagenet64_adm_kwargs(), "use_fp16": False})
+        unet = UNet2DConditionModel.from_config(unet_config or SDXL_UNET)
+        f_edm = count_flops(lambda: edm(torch.randn(1, 3, 64, 64), torch.ones(1), torch.zeros(1, 1000)))
+        f_unet = count_flops(lambda: unet(torch.randn(1, 4, 128, 128), torch.tensor([500.0]),
+                                          encoder_hidden_states=torch.randn(1, 77, 2048),
+                                          added_cond_kwargs={"text_embeds": torch.randn(1, 1280),
+                                                             "time_ids": torch.randn(1, 6)}))
+    return {"imagenet64_edm_forward": f_edm / 1e9, "sdxl_unet_forward": f_unet / 1e9}
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -331,7 +351,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (default: random)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of an unlisted device")
     ap.add_argument("--out", default=None, help="JSON results file (read by `tfd plan --costs`)")
+    ap.add_argument("--count-only", action="store_true",
+                    help="print the per-image forward GFLOPs at the paper's shapes (meta device) and exit")
     a = ap.parse_args(argv)
+    if a.count_only:
+        res = forward_gflops_meta()
+        print(json.dumps(res))
+        return res
     from eval.io import atomic_write_text
     from tfd.config import load_config
     device = torch.device(a.device)
