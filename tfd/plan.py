@@ -106,7 +106,7 @@ def positives_job(b, bench: str, name: str, prompts: int, shard: str) -> Job:
 def jobs_from_config(cfg, benches: list[str], distill_gpus: int = 1) -> list[Job]:
     """The GPU jobs of the tables' rows (training replicas included) and sweeps of `benches`, as the
     workflow builds them: per run distill / sample shards / score, per distinct pairs or positives
-    setting its shards. Reported-only rows have none."""
+    setting its shards. Reported-only rows and published rows without their weights have none."""
     from eval.sample import shard_indices
     from tfd.pairs import pairs_key, pairs_settings
     from tfd.positives import positives_key
@@ -118,7 +118,7 @@ def jobs_from_config(cfg, benches: list[str], distill_gpus: int = 1) -> list[Job
         shared: set[str] = set()
         for name in dict.fromkeys(rows):
             run = b.runs[name]
-            if run.reported:
+            if run.reported or run.missing_weights:  # paper numbers only; a published row without its weights
                 continue
             jobs += _run_jobs(b, bench, name, distill_gpus)
             if run.trains and getattr(run.params, "pairs_num", None):
