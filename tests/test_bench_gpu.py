@@ -110,6 +110,10 @@ def test_plan_arithmetic_by_hand(mini):
     assert list(plan.missing) == ["mini/cd"]
     # wall: longest chain tfd = 3852 + 90 (a shard: 10 x 9 s) + 72 s; total / 2 = 3114 s
     assert plan.wall_h == pytest.approx(max(total / 2, (3852 + 90 + 72) / 3600))
+    # 7 ranks per distill job: 7x its GPU-hours, the same wall time
+    plan7 = make_plan(jobs_from_config(cfg, ["mini"], distill_gpus=7), COSTS, gpus=2)
+    assert plan7.hours["distill"] == pytest.approx(7 * plan.hours["distill"])
+    assert plan7.wall_h == pytest.approx(max(plan7.total_h / 2, (3852 + 90 + 72) / 3600))
     text = format_plan(plan, COSTS, "mini")
     assert f"mini/cd: {NOT_MEASURED}" in text and f"{total:.1f}" in text
 
