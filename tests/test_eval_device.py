@@ -74,6 +74,26 @@ def test_score_builds_the_extractor_on_the_chosen_device(monkeypatch, tiny_confi
     assert sargs[2] == ["fid_digits", "max_ssim"] and skw["device"] == expected and skw["extractor"].device == expected
 
 
+@pytest.mark.parametrize("flag,config,expected", [([], None, 64), ([], 16, 16), (["--batch-size", "8"], 16, 8)])
+def test_score_batch_size_from_flag_or_config(monkeypatch, tiny_config, tmp_path, capsys, flag, config, expected):
+    """`tfd score` feeds the feature network `--batch-size`, else `eval.score_batch_size`, else the
+    extractor's own batch; it logs images/s."""
+    import eval.score
+    from tfd.cli import main
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["benchmarks"]["digits"]["eval"]["score_batch_size"] = config
+    path = tmp_path / "config2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ext = SimpleNamespace(device="cpu", name="digits", batch_size=64)
+    monkeypatch.setattr(F, "build_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr(eval.score, "score_samples", Recorder({"fid_digits": {"value": 1.0}}))
+    main(["score", "--config", str(path), "--samples", "s.npz", "--out-dir", str(tmp_path / "m"),
+          "--ref-stats", "r.npz", "--feature-weights", "w.safetensors", *flag])
+    assert ext.batch_size == expected
+    assert "images/s" in capsys.readouterr().err
+
+
 def test_ref_stats_builds_the_extractor_on_the_gpu_when_present(monkeypatch, tiny_config, tmp_path):
     import eval.score
     import tfd.runs

@@ -383,8 +383,10 @@ def cmd_sample(args):
     made_by = args.generator or args.teacher  # what the images come from: a merge refuses shards of two
     arrays["source"] = np.array(f"{cfg.benchmark}/{args.run} {Path(made_by).name} sha256:{path_sha256(made_by)[:16]}")
     save_npz(args.out, arrays)
+    dt = time.time() - t0
     print(f"{len(arrays['arr_0'])} samples ({args.run}, shard {shard[0]}/{shard[1]}) "
-          f"in {time.time() - t0:.1f} s -> {args.out}")
+          f"in {dt:.1f} s ({len(arrays['arr_0']) / max(dt, 1e-9):.2f} images/s, batch "
+          f"{args.batch_size or b.eval.batch_size}, {device}) -> {args.out}")
 
 
 def cmd_merge_samples(args):
@@ -400,6 +402,9 @@ def cmd_score(args):
     from tfd.runs import sample_spec
     cfg, b = _cfg(args)
     extractor = _extractor(args, b)  # also the classifier of class_acc (digits)
+    if args.batch_size or b.eval.score_batch_size:
+        extractor.batch_size = args.batch_size or b.eval.score_batch_size
+    t0 = time.time()
     clip = {"bootstrap": b.eval.bootstrap, "diversity_per_condition": b.eval.diversity_per_condition,
             "clip_model": b.eval.clip_model, "clip_resize": b.eval.clip_resize,
             "clip_checkpoint": args.clip_checkpoint or b.eval.clip_checkpoint,
@@ -407,6 +412,10 @@ def cmd_score(args):
     res = score_samples(args.samples, args.out_dir, args.metrics or b.eval.metrics, extractor=extractor,
                         ref_stats_path=args.ref_stats, device=extractor.device, config=clip,
                         prompts=_prompts(args, b), resolution=b.eval.resolution, spec=sample_spec(b, args.num))
+    dt = time.time() - t0
+    n = args.num if args.num is not None else b.eval.num_samples
+    print(f"scored {n} samples in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s incl. reading and metrics, "
+          f"feature batch {getattr(extractor, 'batch_size', None)}, {extractor.device})", file=sys.stderr)
     print(json.dumps({k: (v["value"] if isinstance(v, dict) else v) for k, v in res.items()}))
 
 
@@ -438,6 +447,25 @@ def cmd_ablation(args):
                        args.manifest, table=args.out,
                        config_file=_config_files(args)[-1], extra_files=_manifest_inputs(args))
     print(df.to_string(index=False))
+
+
+def cmd_plan(args):
+    from pathlib import Path
+
+    from tfd.config import load_config
+    from tfd.plan import format_plan, jobs_from_config, jobs_from_dry_run, load_costs, make_plan, parse_dry_run
+    cfg = load_config(_config_files(args))
+    costs = load_costs(args.costs) if args.costs else None
+    if args.jobs:
+        text = Path(args.jobs).read_text() if args.jobs != "-" else sys.stdin.read()
+        jobs, other = jobs_from_dry_run(cfg, parse_dry_run(text, args.jobs), args.distill_gpus)
+        jobs = [j for j in jobs if not args.bench or j.bench == args.bench]
+        source = f"the dry run {args.jobs} ({len(jobs)} jobs priced, {other} other jobs not costed)"
+    else:
+        benches = [args.bench] if args.bench else [cfg.benchmark] + ([cfg.text_benchmark] if cfg.text_benchmark else [])
+        jobs = jobs_from_config(cfg, benches, args.distill_gpus)
+        source = f"the tables and sweeps of {', '.join(benches)}"
+    print(format_plan(make_plan(jobs, costs, args.gpus), costs, source))
 
 
 def cmd_convert_edm(args):
@@ -584,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None,
                    help="where the feature extractor and CLIP run (default: cuda if available, else cpu)")
     s.add_argument("--prompts", default=None, help="text benchmarks: the prompt table the samples were drawn with")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="images per feature-network call (default: eval.score_batch_size, else the extractor's own)")
     s.add_argument("--clip-checkpoint", default=None,
                    help="clip_score: open_clip checkpoint (default: eval.clip_checkpoint)")
     s.add_argument("--clip-model-config", default=None,
@@ -608,6 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
         t.add_argument("--prompts", default=None, help="(manifest) the prompt table of a text benchmark")
         t.add_argument("--clip-checkpoint", default=None, help="(manifest) the CLIP model of clip_score")
+    s = add("plan", cmd_plan, "GPU-hours per job kind and in total, and the wall time on --gpus GPUs, of the tables "
+            "and sweeps of the benchmark(s) (or of a Snakemake dry run's jobs), from the unit costs measured by "
+            "benchmarks/bench_gpu.py; without them it says what is not measured")
+    s.add_argument("--costs", default=None, help="the JSON of benchmarks/bench_gpu.py --out (default: none)")
+    s.add_argument("--jobs", default=None, help="the saved output of `snakemake -n TARGETS` ('-': stdin); "
+                   "default: every table row and sweep of the config's benchmark and text benchmark")
+    s.add_argument("--gpus", type=int, default=8, help="GPUs for the wall-time estimate (default 8)")
+    s.add_argument("--distill-gpus", type=int, default=1,
+                   help="GPUs (torchrun ranks) per distill job, as set-resources distill: gpu (default 1)")
     from tfd.figures import add_figure_parser
     add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP

@@ -252,6 +252,7 @@ class EvalCfg:
     base_seed: int = 0
     batch_size: int = 250
     shards: int = 1
+    score_batch_size: Optional[int] = None               # images per feature-network call (None: the extractor's)
     feature_extractor: typing.Literal["digits", "shapes", "inception", "clean-fid", "dinov2",
                                       "cmmd_clip"] = "digits"   # the FID feature network (eval.features)
     metrics: list[str] = field(default_factory=lambda: ["fid_digits", "precision_digits", "recall_digits", "max_ssim",

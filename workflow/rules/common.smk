@@ -98,10 +98,11 @@ def run_dir(run, bench=None):
 # (tests/test_workflow_rerun.py). Such a param is a value or a function of the wildcards alone: Snakemake
 # does not record one that takes `input` or `output`. Settings that only batch or split the work are in
 # none (per-image and per-prompt seeds: the files do not depend on them): eval.batch_size, eval.shards,
+# eval.score_batch_size,
 # positives.shards, a teacher's train.log_every; the shard counts still name the shard files, so
 # changing one reruns the merge (its input list changed). A configured file is an input instead
 # (teacher.checkpoint, eval.ref_stats, eval.feature_extractor_weights_path, ...): its path and its mtime.
-EVAL_WORK_KEYS = ("batch_size", "shards")
+EVAL_WORK_KEYS = ("batch_size", "shards", "score_batch_size")
 
 
 def _spec(d) -> str:
