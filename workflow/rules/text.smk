@@ -18,6 +18,7 @@ if TEXT_CFG is not None:
                 spec=_spec({"resolution": TEXT_CFG.resolution}),
             log:
                 f"logs/{TB}/text_data.log",
+            priority: LONG_POLE_PRIORITY  # the head of the text chain (text_data -> VAE -> teacher -> positives)
             shell:
                 f"tfd text-data --config {{CONFIG_FILE}} --bench {TB} --out-dir {{output}} > {{log}} 2>&1"
 
