@@ -621,8 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: eval.clip_model_config)")
     s = add("table", cmd_table, "render results/table1.csv (or table2.csv) from the metric files; with --bench "
             "shapes, results/table_modes.csv (the table1 rows of that benchmark)")
-    s.add_argument("--table", default="table1", choices=["table1", "table2"],
-                   help="which table: table1 (class benchmark rows) or table2 (text benchmark rows)")
+    s.add_argument("--table", default="table1", choices=["table1", "table2", "table_methods"],
+                   help="which table: table1 (class benchmark rows), table2 (text benchmark rows) or "
+                        "table_methods (a class benchmark's methods table)")
     s.add_argument("--results-dir", default="results")
     s.add_argument("--convergence", default=None, help="also write the runs' convergence records to this csv")
     s.add_argument("--out", required=True)

@@ -528,6 +528,9 @@ class BenchmarkCfg:
     runs: dict[str, RunCfg] = field(default_factory=dict)
     table1: list[str] = field(default_factory=list)         # run names, in table order
     table2: list[str] = field(default_factory=list)         # text benchmarks: Table 2's rows
+    # class benchmarks: rows of results/table_methods.csv, built by `snakemake methods` (not by `all`: the
+    # default DAG's time budget); every method beside its parent
+    table_methods: list[str] = field(default_factory=list)
     ablations: dict[str, AblationCfg] = field(default_factory=dict)   # sweeps -> ablation tables
     compare_to: Optional[str] = None    # tables: each row tested against this row (Welch's t-test over seeds)
     # run -> its training replicas `<run>@s<k>` (runs with `seeds`), filled in by the expansion (not a config key)
@@ -680,12 +683,14 @@ def _check_bench(cfg: Config, name: str) -> list[str]:
         problems += [f"{w}.ablations.{a}.compare: {m!r} is not one of eval.metrics ({', '.join(b.eval.metrics)})"
                      for m in abl.compare if m not in b.eval.metrics]
     problems += _check_shapes(b, w, [m for m in b.eval.metrics if m in MODE_METRICS])
-    for table in ("table1", "table2"):
+    for table in ("table1", "table2", "table_methods"):
         for r in getattr(b, table):
             if r not in b.runs:
                 problems.append(f"{w}.{table}: run {r!r} is not defined in {w}.runs")
     if b.table2 and not text:
         problems.append(f"{w}.table2: only a text benchmark (task: text) has Table 2 rows")
+    if b.table_methods and text:
+        problems.append(f"{w}.table_methods: only a class benchmark has the methods table (Table 2 is the text one)")
     for r, run in b.runs.items():
         if run.method == "pipeline" and not text:
             problems.append(f"{w}.runs.{r}.method: 'pipeline' rows need a text benchmark (a diffusers teacher)")

@@ -3,6 +3,7 @@
 # numbers always come from one command. Not part of `rule all`: publishing is asked for by name.
 # docs/results/ is replaced as a whole (nothing stale stays), so keep nothing else in it.
 # Paths are relative to the working directory: a run elsewhere (--directory, the tests) publishes there.
+import os
 import shutil
 
 PUBLISH_DIR = "docs/results"
@@ -14,6 +15,9 @@ PUBLISHED = (
     + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
     + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
     + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
+    # the methods table is outside `all` (`snakemake methods`): published when it was built, kept up to date then
+    + ([f"results/table_methods{x}" for x in TABLE_FILES]
+       if BENCH_CFG.table_methods and os.path.exists("results/table_methods.csv") else [])
 )
 KEEP = {*PUBLISHED, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)
 

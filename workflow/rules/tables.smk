@@ -70,3 +70,35 @@ if MODES_CFG is not None:
       shell:
           "OMP_NUM_THREADS={threads} tfd table --config {CONFIG_FILE} --bench {params.bench} --no-progress "
           "--out {output.csv} --manifest {output.manifest} {params.inputs} > {log} 2>&1"
+
+
+if BENCH_CFG.table_methods:
+
+  localrules:
+      methods,
+
+  rule methods:  # `snakemake --cores 2 methods`: the methods table, outside `all` (the default DAG's budget)
+      input:
+          "results/table_methods.csv",
+          "results/table_methods.html",
+
+  rule table_methods:  # every method beside its parent: `tfd table --table table_methods`
+      input:
+          run_outputs(scored_rows(BENCH_CFG.table_methods)),
+          teacher=teacher_file(),
+          ref_stats=ref_stats_file(),
+          feature_weights=feature_weights_file(),
+      output:
+          csv="results/table_methods.csv",
+          md="results/table_methods.md",
+          html=report("results/table_methods.html", caption="../report/table_methods.rst", category="1. Tables"),
+          replicas="results/table_methods_replicas.csv",
+          manifest="results/table_methods.manifest.json",
+      params:
+          spec=table_spec(BENCH, BENCH_CFG.table_methods),
+          inputs=manifest_inputs,
+      log:
+          f"logs/{BENCH}/table_methods.log",
+      shell:
+          "OMP_NUM_THREADS={threads} tfd table --table table_methods --config {CONFIG_FILE} --no-progress "
+          "--out {output.csv} --manifest {output.manifest} {params.inputs} > {log} 2>&1"
