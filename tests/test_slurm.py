@@ -212,6 +212,61 @@ def test_unfilled_site_file_fails_with_one_message(paper_dir, case, run_snakemak
     assert not (paper_dir / "results").exists() and not (paper_dir / ".snakemake/slurm_logs").exists()
 
 
+def multinode_profile(dst: Path) -> tuple[Path, dict]:
+    """A copy of the slurm profile with its commented multi-node example (the lines after
+    `# multi-node:` in `set-resources: distill:`) switched on; returns the folder and those resources."""
+    lines = (PROFILE / "config.v8+.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# multi-node:")
+    indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]  # the distill block's keys
+    example = {}
+    for i in range(start + 1, len(lines)):
+        m = re.fullmatch(rf"({indent})# (\w+): (.+)", lines[i])
+        if not m:
+            break
+        lines[i] = f"{m[1]}{m[2]}: {m[3]}"
+        example.update(yaml.safe_load(f"{m[2]}: {m[3]}"))
+    dst.mkdir()
+    (dst / "config.v8+.yaml").write_text("\n".join(lines) + "\n")
+    return dst, example
+
+
+def test_multinode_example_dry_run(paper_dir, run_snakemake):
+    """The profile's commented multi-node example, switched on: each distill job of Table 1 asks
+    SLURM for the nodes and the GPUs on each (sbatch --nodes/--gres, no job-total --gpus) and
+    launches srun with one torchrun per node in a c10d rendezvous; the other GPU jobs keep gpu: 1."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    make_site(paper_dir / "site")
+    (paper_dir / "site.yaml").write_text((paper_dir / "site/site.yaml").read_text())
+    prof_dir, example = multinode_profile(paper_dir / "multinode")
+    assert example["nodes"] > 1 and example["gres"].startswith("gpu:") and example["gpu"] == 0, example
+    nodes, per_node = example["nodes"], int(example["gres"].split(":")[-1])
+    r = run_snakemake(paper_dir, "-n", "--profile", str(prof_dir), "--cores", "1000", "results/table1.csv")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    jobs = dry_jobs(out)
+    distill = [j for j in jobs if j["rule"] == "distill"]
+    assert distill and all(j["resources"]["nodes"] == str(nodes) and j["resources"]["gres"] == example["gres"]
+                           and j["resources"]["gpu"] == "0" for j in distill), distill
+    assert all(j["resources"]["gpu"] == "1" for j in jobs if j["rule"] in GPU_RULES and j["rule"] != "distill")
+    launch = (f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --overlap --kill-on-bad-exit=1 "
+              f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint ")
+    lines = [line.strip() for line in out.splitlines() if launch in line]
+    assert len(lines) == len(distill), out[-3000:]
+    assert all('--rdzv-id "$SLURM_JOB_ID" -m tfd.cli -- distill --config' in line for line in lines), lines[0]
+    print("\n" + lines[0])
+    # what the slurm plugin submits for such a job: nodes and GPUs per node, no job-total --gpus
+    res = {k: int(v) if v.isdigit() else v for k, v in distill[0]["resources"].items()}
+    job = SimpleNamespace(resources=SimpleNamespace(**res, get=res.get), threads=8)
+    call = get_submit_command(job, {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": "rule_distill",
+                                    "account": "", "partition": "-p gpu", "workdir": str(paper_dir)})
+    call += set_gres_string(job)
+    assert f"--nodes={nodes}" in call and f"--gres={example['gres']}" in call and "--gpus=" not in call, call
+
+
 def test_text_to_image_dag_dry_run(paper_dir, run_snakemake):
     """Table 2 on the cluster (coco2014): prompt table, reference statistics of the prompts' real
     images, 20 sample shards per sampled row, scoring and the table, each job with its resources;
