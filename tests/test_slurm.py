@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -392,3 +393,71 @@ def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_confi
     assert list(df["run"]) == ["tfd"]
     assert df["fid_digits"].notna().all()
     print(f"\n{n_jobs} SLURM jobs in {wall:.0f} s")
+
+
+@pytest.mark.slow
+def test_distill_srun_torchrun_rendezvous_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_config):
+    """A distill job with `nodes: 1` and 2 CPU processes (gloo) goes through sbatch, srun and
+    torchrun's c10d rendezvous on the real one-node SLURM, and gives the same generator, tensor for
+    tensor, as the same job run again locally through `torchrun --standalone` with 2 processes."""
+    import torch
+    from safetensors.torch import load_file
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
+    gen = Path("results/digits/tfd/tfd/generator.safetensors")
+    prof = profile()
+    resources = {**prof["set-resources"], "distill": {**prof["set-resources"]["distill"],  # set-resources is
+                                                      "nodes": 1, "gpu": 0, "nproc_per_node": 2}}  # replaced whole
+    ci = tmp_path / "ci-profile"
+    ci.mkdir()
+    (ci / "config.v8+.yaml").write_text(yaml.safe_dump({
+        "config": {"benchmark": "digits"}, "configfile": str(tmp_path / "config.yaml"),
+        "slurm-status-command": "squeue", "slurm-init-seconds-before-status-checks": 2, "latency-wait": 5,
+        "retries": 0, "keep-going": False, "set-resources": resources,
+        "set-threads": {r: 1 for r in ("distill", "ref_stats")},
+    }))
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    snakemake = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
+    t0 = time.time()
+    try:
+        r = subprocess.run([*snakemake, "--profile", str(PROFILE), "--profile", str(ci), "--cores", "8", str(gen)],
+                           capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
+                    f"{slurm_cluster.logs()}")
+    out = r.stdout + r.stderr
+    log = tmp_path / "logs/digits/distill_tfd_tfd.log"
+    assert r.returncode == 0, out[-6000:] + "\n" + (log.read_text()[-3000:] if log.exists() else "") + \
+        slurm_cluster.logs()
+    wall = time.time() - t0
+    assert "SLURM run ID" in out and "srun --nodes 1 --ntasks 1 --ntasks-per-node 1" in out, out[-3000:]
+    assert "torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d" in out, out[-3000:]
+    show = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    job = next(line for line in show.splitlines() if "Comment=rule_distill" in line)
+    job_id = re.search(r"\bJobId=(\d+)", job)[1]
+    assert "JobState=COMPLETED" in job and "NumNodes=1" in job, job
+    # the job's steps: the plugin's one-task step (0) and the srun of the launch (1), on the node
+    slurmd = (slurm_cluster.dir / "slurmd.log").read_text()
+    assert re.search(rf"launch task StepId={job_id}\.1 ", slurmd), slurmd[-3000:]
+    info = json.loads((tmp_path / gen).with_name("train.json").read_text())
+    assert info["world_size"] == 2, info
+    via_slurm = load_file(tmp_path / gen)
+
+    # the same job locally, torchrun --standalone (no `nodes`): only distill runs again
+    shutil.rmtree((tmp_path / gen).parent)
+    r = subprocess.run([*snakemake, "--cores", "2", "--config", "benchmark=digits", "--allowed-rules", "distill",
+                        "-p", "--set-resources", "distill:gpu=0", "distill:nproc_per_node=2", str(gen)],
+                       capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert "torchrun --standalone --nproc-per-node 2 -m tfd.cli -- distill" in out and "srun" not in out, out[-3000:]
+    standalone = load_file(tmp_path / gen)
+    assert json.loads((tmp_path / gen).with_name("train.json").read_text())["world_size"] == 2
+    assert via_slurm.keys() == standalone.keys() and len(via_slurm) > 0
+    for k, v in via_slurm.items():
+        assert v.dtype == standalone[k].dtype and torch.equal(v, standalone[k]), k
+    print(f"\ndistill through sbatch + srun + torchrun (c10d): {wall:.0f} s for the SLURM part, "
+          f"{len(via_slurm)} generator tensors equal to torchrun --standalone")
+
