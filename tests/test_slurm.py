@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -212,6 +213,61 @@ def test_unfilled_site_file_fails_with_one_message(paper_dir, case, run_snakemak
     assert not (paper_dir / "results").exists() and not (paper_dir / ".snakemake/slurm_logs").exists()
 
 
+def multinode_profile(dst: Path) -> tuple[Path, dict]:
+    """A copy of the slurm profile with its commented multi-node example (the lines after
+    `# multi-node:` in `set-resources: distill:`) switched on; returns the folder and those resources."""
+    lines = (PROFILE / "config.v8+.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# multi-node:")
+    indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]  # the distill block's keys
+    example = {}
+    for i in range(start + 1, len(lines)):
+        m = re.fullmatch(rf"({indent})# (\w+): (.+)", lines[i])
+        if not m:
+            break
+        lines[i] = f"{m[1]}{m[2]}: {m[3]}"
+        example.update(yaml.safe_load(f"{m[2]}: {m[3]}"))
+    dst.mkdir()
+    (dst / "config.v8+.yaml").write_text("\n".join(lines) + "\n")
+    return dst, example
+
+
+def test_multinode_example_dry_run(paper_dir, run_snakemake):
+    """The profile's commented multi-node example, switched on: each distill job of Table 1 asks
+    SLURM for the nodes and the GPUs on each (sbatch --nodes/--gres, no job-total --gpus) and
+    launches srun with one torchrun per node in a c10d rendezvous; the other GPU jobs keep gpu: 1."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    make_site(paper_dir / "site")
+    (paper_dir / "site.yaml").write_text((paper_dir / "site/site.yaml").read_text())
+    prof_dir, example = multinode_profile(paper_dir / "multinode")
+    assert example["nodes"] > 1 and example["gres"].startswith("gpu:") and example["gpu"] == 0, example
+    nodes, per_node = example["nodes"], int(example["gres"].split(":")[-1])
+    r = run_snakemake(paper_dir, "-n", "--profile", str(prof_dir), "--cores", "1000", "results/table1.csv")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    jobs = dry_jobs(out)
+    distill = [j for j in jobs if j["rule"] == "distill"]
+    assert distill and all(j["resources"]["nodes"] == str(nodes) and j["resources"]["gres"] == example["gres"]
+                           and j["resources"]["gpu"] == "0" for j in distill), distill
+    assert all(j["resources"]["gpu"] == "1" for j in jobs if j["rule"] in GPU_RULES and j["rule"] != "distill")
+    launch = (f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --overlap --kill-on-bad-exit=1 "
+              f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint ")
+    lines = [line.strip() for line in out.splitlines() if launch in line]
+    assert len(lines) == len(distill), out[-3000:]
+    assert all('--rdzv-id "$SLURM_JOB_ID" -m tfd.cli -- distill --config' in line for line in lines), lines[0]
+    print("\n" + lines[0])
+    # what the slurm plugin submits for such a job: nodes and GPUs per node, no job-total --gpus
+    res = {k: int(v) if v.isdigit() else v for k, v in distill[0]["resources"].items()}
+    job = SimpleNamespace(resources=SimpleNamespace(**res, get=res.get), threads=8)
+    call = get_submit_command(job, {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": "rule_distill",
+                                    "account": "", "partition": "-p gpu", "workdir": str(paper_dir)})
+    call += set_gres_string(job)
+    assert f"--nodes={nodes}" in call and f"--gres={example['gres']}" in call and "--gpus=" not in call, call
+
+
 def test_text_to_image_dag_dry_run(paper_dir, run_snakemake):
     """Table 2 on the cluster (coco2014): prompt table, reference statistics of the prompts' real
     images, 20 sample shards per sampled row, scoring and the table, each job with its resources;
@@ -337,3 +393,71 @@ def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_confi
     assert list(df["run"]) == ["tfd"]
     assert df["fid_digits"].notna().all()
     print(f"\n{n_jobs} SLURM jobs in {wall:.0f} s")
+
+
+@pytest.mark.slow
+def test_distill_srun_torchrun_rendezvous_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_config):
+    """A distill job with `nodes: 1` and 2 CPU processes (gloo) goes through sbatch, srun and
+    torchrun's c10d rendezvous on the real one-node SLURM, and gives the same generator, tensor for
+    tensor, as the same job run again locally through `torchrun --standalone` with 2 processes."""
+    import torch
+    from safetensors.torch import load_file
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config))
+    gen = Path("results/digits/tfd/tfd/generator.safetensors")
+    prof = profile()
+    resources = {**prof["set-resources"], "distill": {**prof["set-resources"]["distill"],  # set-resources is
+                                                      "nodes": 1, "gpu": 0, "nproc_per_node": 2}}  # replaced whole
+    ci = tmp_path / "ci-profile"
+    ci.mkdir()
+    (ci / "config.v8+.yaml").write_text(yaml.safe_dump({
+        "config": {"benchmark": "digits"}, "configfile": str(tmp_path / "config.yaml"),
+        "slurm-status-command": "squeue", "slurm-init-seconds-before-status-checks": 2, "latency-wait": 5,
+        "retries": 0, "keep-going": False, "set-resources": resources,
+        "set-threads": {r: 1 for r in ("distill", "ref_stats")},
+    }))
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    snakemake = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
+    t0 = time.time()
+    try:
+        r = subprocess.run([*snakemake, "--profile", str(PROFILE), "--profile", str(ci), "--cores", "8", str(gen)],
+                           capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
+                    f"{slurm_cluster.logs()}")
+    out = r.stdout + r.stderr
+    log = tmp_path / "logs/digits/distill_tfd_tfd.log"
+    assert r.returncode == 0, out[-6000:] + "\n" + (log.read_text()[-3000:] if log.exists() else "") + \
+        slurm_cluster.logs()
+    wall = time.time() - t0
+    assert "SLURM run ID" in out and "srun --nodes 1 --ntasks 1 --ntasks-per-node 1" in out, out[-3000:]
+    assert "torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d" in out, out[-3000:]
+    show = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    job = next(line for line in show.splitlines() if "Comment=rule_distill" in line)
+    job_id = re.search(r"\bJobId=(\d+)", job)[1]
+    assert "JobState=COMPLETED" in job and "NumNodes=1" in job, job
+    # the job's steps: the plugin's one-task step (0) and the srun of the launch (1), on the node
+    slurmd = (slurm_cluster.dir / "slurmd.log").read_text()
+    assert re.search(rf"launch task StepId={job_id}\.1 ", slurmd), slurmd[-3000:]
+    info = json.loads((tmp_path / gen).with_name("train.json").read_text())
+    assert info["world_size"] == 2, info
+    via_slurm = load_file(tmp_path / gen)
+
+    # the same job locally, torchrun --standalone (no `nodes`): only distill runs again
+    shutil.rmtree((tmp_path / gen).parent)
+    r = subprocess.run([*snakemake, "--cores", "2", "--config", "benchmark=digits", "--allowed-rules", "distill",
+                        "-p", "--set-resources", "distill:gpu=0", "distill:nproc_per_node=2", str(gen)],
+                       capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert "torchrun --standalone --nproc-per-node 2 -m tfd.cli -- distill" in out and "srun" not in out, out[-3000:]
+    standalone = load_file(tmp_path / gen)
+    assert json.loads((tmp_path / gen).with_name("train.json").read_text())["world_size"] == 2
+    assert via_slurm.keys() == standalone.keys() and len(via_slurm) > 0
+    for k, v in via_slurm.items():
+        assert v.dtype == standalone[k].dtype and torch.equal(v, standalone[k]), k
+    print(f"\ndistill through sbatch + srun + torchrun (c10d): {wall:.0f} s for the SLURM part, "
+          f"{len(via_slurm)} generator tensors equal to torchrun --standalone")
+

@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 from eval.io import atomic_write_text
 from eval.modes import DATA_VERSION as SHAPES_DATA_VERSION
 from tfd.config import Config, ConfigError, check, from_dict, input_paths, params_spec
+from tfd.launch import LAUNCH_RESOURCES, distill_launch
 
 SITE_HINT = ("Paths of the paper benchmark go in site.yaml in the working directory (a copy of "
              "workflow/site.example.yaml; the slurm profile loads it), or pass --configfile FILE.")

@@ -50,9 +50,9 @@ rule distill:
                                                         ("positives", "positives"), ("train_prompts", "train-prompts"),
                                                         ("prompts", "prompts"), ("pairs", "pairs"))
                                         if k in input.keys() and input[k]),
-        # more than one GPU (set-resources distill:gpu=N): one process per GPU with torchrun (DDP)
-        launch=lambda wc, resources: (f"torchrun --standalone --nproc-per-node {resources.gpu} -m tfd.cli --"
-                                      if int(resources.get("gpu", 0)) > 1 else "tfd"),
+        # how `tfd` starts (tfd/launch.py): one process; `gpu: N`: torchrun --standalone, N processes (DDP);
+        # `nodes: N`: srun + torchrun on each node, c10d rendezvous on the job's first node
+        launch=lambda wc, resources: distill_launch(**{k: resources.get(k) for k in LAUNCH_RESOURCES}),
     log:
         "logs/{bench}/distill_{method}_{run}.log",
     threads: 1
