@@ -302,7 +302,8 @@ def test_config_runs(root):
         assert isinstance(b.runs["dpdmd"].params, DPDMDParams)
         assert run_nfe(b, "dmd2_4step") == 4 and run_nfe(b, "dpdmd") == 4
     d = cfg.bench("digits")
-    assert "dmd2_4step" not in d.table1 and "dpdmd" not in d.table1
+    assert "dmd2_4step" not in d.table1 and "dpdmd" not in d.table1  # the methods table's rows (budget)
+    assert "dmd2_4step" in d.table_methods and "dpdmd" in d.table_methods
     assert run_nfe(d, "dmd2") == 1
 
 
