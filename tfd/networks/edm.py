@@ -282,6 +282,7 @@ def unet_dtypes(use_fp16: bool, force_fp32: bool, device_type: str) -> tuple[tor
     dtype = torch.float16 if (use_fp16 and not force_fp32 and device_type == "cuda") else torch.float32
     return dtype, dtype
 
+
 class EDMPrecond(nn.Module):
     """EDM preconditioning, Karras et al. 2022 Table 1: D(x) = c_skip x + c_out F(c_in x, c_noise)."""
 
