@@ -163,15 +163,26 @@ def test_gan_head_reads_fake_score_bottleneck():
     assert set(m.fake.net.state_dict()) == set(m.teacher.state_dict())
 
 
-def test_gan_generator_loss_reaches_generator_only():
+def test_gan_generator_loss_reaches_generator_only(tmp_path):
+    """The trainer back-propagates the generator loss (GAN term through the trainable fake score) into the
+    generator only, and its gradient equals the one with the fake score frozen (an independent reference:
+    a copy whose fake-score parameters never require grad), bitwise."""
+    import copy
     m = dmd2(gan=True)
+    frozen = copy.deepcopy(m)
+    frozen.fake.requires_grad_(False)
     torch.manual_seed(0)
-    out = m.train_step(m.make_batch(), step=0)
+    batch = m.make_batch()
+    out = m.train_step(batch, step=0)
     assert list(out.losses) == ["generator", "fake_score"]   # generator stepped first
-    out.losses["generator"].backward()
+    t = Trainer(m, cfg(grad_clip=0.0), tmp_path, progress=False)
+    t._step_network("generator", out.losses["generator"], {})
     assert all(p.grad is None for p in m.fake.parameters())
-    assert sum(p.grad.abs().sum() for p in m.generator.parameters() if p.grad is not None) > 0
     assert all(p.requires_grad for p in m.fake.parameters())
+    frozen.generator_losses(batch, frozen.generate(batch["z"], batch["cond"]))[0].backward()
+    for (k, p), q in zip(m.generator.named_parameters(), frozen.generator.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), k
+    assert sum(p.grad.abs().sum() for p in m.generator.parameters() if p.grad is not None) > 0
     out2 = m.train_step(m.make_batch(), step=1)
     assert list(out2.losses) == ["fake_score"]
 

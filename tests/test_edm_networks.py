@@ -148,6 +148,50 @@ def test_fp16_on_cuda_matches_fp32(digits_net):
     torch.testing.assert_close(d16, d32, atol=2e-2, rtol=2e-2)
 
 
+
+@pytest.mark.parametrize("use_fp16", [False, True])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_under_the_trainers_autocast(digits_net, use_fp16, amp):
+    """Under the trainer's autocast (`train.precision` bf16/fp16; here CPU autocast) the network runs with
+    autocast's dtypes and returns float32 close to the fp32 output (it failed EDM's dtype assertion: the
+    convolutions return the autocast dtype); `force_fp32` still runs it in fp32, bitwise."""
+    net = digits_net.eval()
+    x, sigma, labels = digits_inputs()
+    with torch.no_grad():
+        d32 = net(x, sigma, labels)
+        old, net.use_fp16 = net.use_fp16, use_fp16
+        try:
+            with torch.autocast("cpu", dtype=amp):
+                d, f, forced = net(x, sigma, labels), net.raw(x, sigma, labels), net(x, sigma, labels, force_fp32=True)
+        finally:
+            net.use_fp16 = old
+    assert d.dtype == f.dtype == torch.float32
+    assert not torch.equal(d, d32)                          # it did run in the lower precision
+    torch.testing.assert_close(d, d32, atol=5e-2, rtol=5e-2)
+    assert torch.equal(forced, d32)
+
+
+def test_unet_dtypes_follow_edm_or_the_outer_autocast():
+    """EDM's rule (float16 only with use_fp16, on CUDA, without force_fp32) without autocast; under an
+    autocast on the input's device: a float32 input and the autocast dtype out. The CUDA case with a
+    bfloat16 autocast (ImageNet-64 with EDM's `use_fp16` teacher at train.precision bf16) is set through
+    torch's thread-local autocast state, which needs no GPU."""
+    from tfd.networks.edm import unet_dtypes
+    f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+    assert unet_dtypes(True, False, "cuda") == (f16, f16)
+    assert unet_dtypes(True, True, "cuda") == unet_dtypes(False, False, "cuda") == unet_dtypes(True, False, "cpu") == (
+        f32, f32)
+    was, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", bf16)
+    try:
+        assert unet_dtypes(True, False, "cuda") == unet_dtypes(False, False, "cuda") == (f32, bf16)
+        assert unet_dtypes(True, False, "cpu") == (f32, f32)        # autocast on another device: EDM's rule
+    finally:
+        torch.set_autocast_enabled("cuda", was)
+        torch.set_autocast_dtype("cuda", dtype)
+
+
 def test_init_kwargs_and_presets():
     kw = digits_unet_kwargs(model_channels=16)
     net = EDMPrecond(**kw)

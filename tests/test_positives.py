@@ -230,3 +230,34 @@ def test_exact_resume_on_text(method, text_teacher, setup, crash_and_resume, tmp
     ref, resumed = crash_and_resume(make, cfg, tmp_path)
     assert resumed.step == 6
     assert_same_training_state(ref, resumed)
+
+
+def test_dmd2_gan_with_gradient_checkpointing_is_exact(text_teacher, setup, tmp_path):
+    """DMD2 with its GAN head and gradient checkpointing (coco2014's `dmd2` setting) trains, and checkpointing
+    does not change the math: 2 generator + fake-score steps give the weights of the same run without it.
+    (It raised CheckpointError when the fake score's `requires_grad` was flipped around the generator's GAN
+    forward: the recomputation in backward saw the parameters trainable again.)"""
+    from tfd.config import TrainCfg
+    from tfd.methods.dmd2 import DMD2, DMD2Params
+    from tfd.trainer import Trainer
+
+    def run(checkpointing: bool) -> Trainer:
+        data = PositivesSampler.from_file(setup["one"], torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        m = DMD2(text_teacher, data, DMD2Params(batch_per_rank=2, generator_timestep=399, real_guidance=8.0,
+                                                sigma_grid="discrete", fake_loss="epsilon", gan_layer="mid_block",
+                                                dfake_gen_update_ratio=1))
+        cfg = TrainCfg(steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=100, log_every=1,
+                       gradient_checkpointing=checkpointing)
+        t = Trainer(m, cfg, tmp_path / str(checkpointing), progress=False)
+        t.fit()
+        return t
+
+    ref, ckpt = run(False), run(True)
+    gen, fake = ckpt.nets["generator"].unet, ckpt.nets["fake_score"].net.unet
+    assert gen.is_gradient_checkpointing and fake.is_gradient_checkpointing
+    assert not ref.nets["generator"].unet.is_gradient_checkpointing
+    assert ref.updates == ckpt.updates == {"generator": 2, "fake_score": 2}
+    pairs = zip(ref.nets["generator"].unet.parameters(), text_teacher.unet.parameters())
+    assert any(not torch.equal(a, b) for a, b in pairs)   # it trained
+    assert_same_training_state(ref, ckpt, atol=1e-6)

@@ -433,10 +433,17 @@ class Trainer:
             i += g.numel()
 
     def _step_network(self, name: str, loss: torch.Tensor, metrics: dict) -> None:
-        """Backward, all-reduce, unscale, clip, warm-up lr and one optimiser step of one network."""
+        """Backward, all-reduce, unscale, clip, warm-up lr and one optimiser step of one network.
+
+        The backward accumulates gradients into this network's trainable parameters only
+        (`backward(inputs=...)`): a loss that runs through another trainable network (DMD2's
+        generator GAN term through the fake score) leaves that network's `.grad` untouched and its
+        weight gradients are never computed. This replaces flipping `requires_grad` around the
+        forward, which gradient checkpointing cannot follow: its recomputation in backward would
+        see the parameters trainable again and build a different graph (CheckpointError)."""
         net, opt = self.nets[name], self.opts[name]
         opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward(inputs=[q for g in opt.param_groups for q in g["params"]])
         self._allreduce_grads(net)
         self.scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:

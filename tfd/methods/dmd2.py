@@ -31,8 +31,11 @@ networks whose loss is returned. The `generator` loss is listed FIRST: the train
 and steps the losses in dict order, and the generator's GAN term runs through the fake score's
 weights, which must not yet have been modified in place by the fake-score optimiser step (DMD2's
 loop also updates the generator first, then trains the fake score on the same generated batch).
-During the generator's GAN forward the fake score's parameters are frozen, so the generator
-loss puts no gradient into them.
+The generator's GAN term runs through the fake score with its parameters trainable (never toggled:
+gradient checkpointing recomputes that forward in backward and must see the same graph); the
+trainer back-propagates each loss into its own network's parameters only (`backward(inputs=...)`,
+`Trainer._step_network`), so the generator loss puts no gradient into the fake score. (DMD2's
+reference lets the gradient reach the guidance model and zeroes it after the generator step.)
 
 GAN head on small maps: DMD2's head (768-channel 8x8 map) is Conv(k4, s2, p1) -> GroupNorm(32)
 -> SiLU -> Conv(k4, s4) -> GroupNorm(32) -> SiLU -> Conv(k1) -> logit. Here the second kernel
@@ -45,7 +48,6 @@ zero the signal).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
@@ -319,13 +321,13 @@ class DMD2(Method):
 
     # -- step ----------------------------------------------------------------------------------
     def generator_losses(self, b: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Generator turn: distribution matching (+ GAN term through the frozen fake score)."""
+        """Generator turn: distribution matching (+ GAN term through the fake score; the trainer
+        back-propagates this loss into the generator only, module docstring)."""
         p = self.params
         loss_g, metrics = self.dm_loss(x, b["cond"], b["dm_i"], b["dm_noise"])
         metrics["loss_dm"] = loss_g.item()
         if p.gan:
-            with requires_grad(self.fake, False):  # the generator loss puts no gradient into the fake score
-                logits = self.gan_logits(x, b["cond"], b["gan_g_i"], b["gan_g_noise"])
+            logits = self.gan_logits(x, b["cond"], b["gan_g_i"], b["gan_g_noise"])
             loss_gan_g = F.softplus(-logits).mean()
             loss_g = loss_g + p.gan_weight_g * loss_gan_g
             metrics["loss_gan_g"] = loss_gan_g.item()
@@ -374,16 +376,3 @@ class DMD2(Method):
         one-step generator of the base class, bitwise."""
         sigmas, scale = student_schedule(params, generator)
         return few_step_sampler(generator, sigmas, scale, rule="renoise")
-
-
-@contextlib.contextmanager
-def requires_grad(module: nn.Module, flag: bool):
-    """Temporarily set `requires_grad` of the module's parameters that have it set (restored after)."""
-    params = [q for q in module.parameters() if q.requires_grad]
-    for q in params:
-        q.requires_grad_(flag)
-    try:
-        yield module
-    finally:
-        for q in params:
-            q.requires_grad_(True)

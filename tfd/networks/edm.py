@@ -3,7 +3,8 @@
 An independent implementation of NVlabs/edm's `DhariwalUNet` and `EDMPrecond` with the same
 module, parameter and buffer names, so a state_dict of EDM's `EDMPrecond(model_type=
 'DhariwalUNet')` (keys `model.enc.32x32_block1.conv0.weight`, ...) loads with `strict=True`.
-Like EDM, weights stay fp32 and are cast to the activation dtype (fp16 only on CUDA).
+Like EDM, weights stay fp32 and are cast to the activation dtype (fp16 only on CUDA); under an
+outer autocast (the trainer's `train.precision` bf16/fp16) autocast's dtypes rule instead (`unet_dtypes`).
 """
 from __future__ import annotations
 
@@ -266,6 +267,22 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(silu(self.out_norm(x)))
 
 
+def unet_dtypes(use_fp16: bool, force_fp32: bool, device_type: str) -> tuple[torch.dtype, torch.dtype]:
+    """(input dtype, output dtype) of `EDMPrecond`'s UNet call on a tensor of `device_type`.
+
+    Without autocast on `device_type` (train.precision fp32, sampling): EDM's rule (NVlabs/edm
+    training/networks.py `EDMPrecond.forward`), both float16 when `use_fp16`, not `force_fp32` and on
+    CUDA, else float32. Under an autocast there (train.precision bf16/fp16, `tfd.trainer`): (float32,
+    the autocast dtype): the input is not cast and autocast picks each op's dtype, the last conv
+    returning the autocast dtype. EDM's own fp16 cast would fight a bf16 autocast (fp16 activations and
+    weights rounded again to bf16 by each conv, a bf16 output failing EDM's float16 assertion).
+    (`EDMPrecond` runs a `force_fp32` call with autocast disabled, so it gets (float32, float32).)"""
+    if torch.is_autocast_enabled(device_type) and not force_fp32:
+        return torch.float32, torch.get_autocast_dtype(device_type)
+    dtype = torch.float16 if (use_fp16 and not force_fp32 and device_type == "cuda") else torch.float32
+    return dtype, dtype
+
+
 class EDMPrecond(nn.Module):
     """EDM preconditioning, Karras et al. 2022 Table 1: D(x) = c_skip x + c_out F(c_in x, c_noise)."""
 
@@ -302,13 +319,16 @@ class EDMPrecond(nn.Module):
         return self._raw(*self._inputs(x, sigma, class_labels), force_fp32, **model_kwargs)
 
     def _raw(self, x, sigma, class_labels, force_fp32=False, **model_kwargs):
-        use_fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
-        dtype = torch.float16 if use_fp16 else torch.float32
+        dev = x.device.type
+        if force_fp32 and torch.is_autocast_enabled(dev):  # fp32 also under an outer autocast
+            with torch.autocast(dev, enabled=False):
+                return self._raw(x, sigma, class_labels, force_fp32, **model_kwargs)
+        dtype, out_dtype = unet_dtypes(self.use_fp16, force_fp32, dev)
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
                          **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == out_dtype, (F_x.dtype, out_dtype)
         return F_x.to(torch.float32)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
