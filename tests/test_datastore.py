@@ -102,7 +102,8 @@ def test_store_sampler_draws_what_the_memory_sampler_draws(store, num_conditions
         return
     mem = ClassBalancedSampler(torch.from_numpy(x), torch.from_numpy(y), torch.Generator().manual_seed(3))
     st = StoreSampler(open_store(folder), torch.Generator().manual_seed(3))
-    calls = [(3, 4, None), (5, 9, None), (8, 4, None), (2, 12, None), (4, 2, torch.tensor([4, 4, 0, 1])), (12, 10, None)]
+    calls = [(3, 4, None), (5, 9, None), (8, 4, None), (2, 12, None), (4, 2, torch.tensor([4, 4, 0, 1])),
+             (12, 10, None)]
     for G, k, cond in calls:
         rows_m, cond_m = mem.draw(G, k, cond)
         state = st.generator.get_state()
@@ -235,3 +236,95 @@ def test_check_store_fits(store, tmp_path):
     other = make_edm_zip(tmp_path / "other.zip", 3, size=8, num_classes=1)
     with pytest.raises(BadFile, match=r"built from another zip"):
         check_store_fits(s, other, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI: prepare-data, and distill / ref-stats reading the store
+
+
+def _tfd(*argv) -> tuple[int, str]:
+    """`tfd argv` in-process: (exit status, the error line or '')."""
+    from tfd.cli import main
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return (1, e.code) if isinstance(e.code, str) else (int(e.code or 0), "")
+    return 0, ""
+
+
+@pytest.fixture(scope="module")
+def zip_bench(tmp_path_factory):
+    """A class benchmark on an EDM zip (12 RGB 8x8 images, 4 classes of 3: TFD's 2+2 per class draws
+    rows with replacement), a random tiny EDM teacher, a tiny TFD run, and the zip's store."""
+    import yaml
+
+    from tfd.networks.convert import save_edm_safetensors
+    from tfd.networks.edm import EDMPrecond
+    d = tmp_path_factory.mktemp("zipbench")
+    zpath = make_edm_zip(d / "data.zip", 12, size=8, num_classes=4, seed=2)
+    torch.manual_seed(0)
+    save_edm_safetensors(EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                                    num_blocks=1, attn_resolutions=[]), d / "teacher.safetensors")
+    bench = {"data": {"kind": "edm_zip", "path": str(zpath)}, "num_classes": 4, "resolution": 8, "channels": 3,
+             "teacher": {"kind": "edm", "checkpoint": str(d / "teacher.safetensors")},
+             "eval": {"num_samples": 8, "shards": 1, "feature_extractor": "digits", "metrics": ["max_ssim"]},
+             "table1": ["tfd"],
+             "runs": {"tfd": {"method": "tfd", "train": {"steps": 2, "lr": 1e-4, "warmup_steps": 1, "log_every": 1,
+                                                         "checkpoint_every": 2, "eval_every": 0, "seed": 0},
+                              "params": {"layers": ["enc:2", "bottleneck"], "pool": 2, "groups_per_rank": 3,
+                                         "n_gen": 2, "n_pos": 2, "n_anchor": 2}}},
+             "ablations": {}}
+    (d / "cfg.yaml").write_text(yaml.safe_dump({"benchmark": "zips", "benchmarks": {"zips": bench}}))
+    assert _tfd("prepare-data", "--no-progress", "--zip", zpath, "--out", d / "store", "--workers", 2) == (0, "")
+    return d
+
+
+def test_distill_from_store_equals_distill_from_zip(zip_bench):
+    """The same run trained on the store and on the zip in memory: identical generator weights; train.json
+    records the store's sha256."""
+    from eval.io import load_safetensors
+    d = zip_bench
+    common = ("distill", "--config", d / "cfg.yaml", "--no-progress", "--run", "tfd", "--teacher",
+              d / "teacher.safetensors")
+    assert _tfd(*common, "--out-dir", d / "mem") == (0, "")
+    assert _tfd(*common, "--out-dir", d / "store_run", "--data-store", d / "store") == (0, "")
+    a, _ = load_safetensors(d / "mem/generator.safetensors")
+    b, _ = load_safetensors(d / "store_run/generator.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((d / "store_run/train.json").read_text())
+    assert info["inputs_sha256"]["data"] == open_store(d / "store").sha256
+    assert "data" not in json.loads((d / "mem/train.json").read_text())["inputs_sha256"]
+
+
+def test_prepare_data_cli_errors(zip_bench, tmp_path):
+    d = zip_bench
+    bad = _zip(tmp_path / "data.zip", {"a.png": _png(np.zeros((8, 8, 3), np.uint8)), "b.png": b"junk"},
+               {"a.png": 0, "b.png": 1})
+    status, msg = _tfd("prepare-data", "--no-progress", "--zip", bad, "--out", tmp_path / "store", "--workers", 1)
+    assert status == 1 and msg.startswith("tfd prepare-data: error: ") and "data.zip: member b.png" in msg, msg
+    assert _only_zip_left(tmp_path)
+    status, msg = _tfd("distill", "--config", d / "cfg.yaml", "--no-progress", "--run", "tfd", "--teacher",
+                       d / "teacher.safetensors", "--out-dir", tmp_path / "run", "--data-store", tmp_path / "nowhere")
+    assert status == 1 and "nowhere: not a dataset store folder" in msg and "tfd prepare-data" in msg, msg
+
+
+def test_sigterm_leaves_no_store(tmp_path):
+    """`tfd prepare-data` killed with SIGTERM mid-way (scancel, a killed Snakemake job) leaves the zip only."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+    zpath = make_edm_zip(tmp_path / "data.zip", 3000, size=16, num_classes=3)
+    p = subprocess.Popen([sys.executable, "-m", "tfd.cli", "prepare-data", "--no-progress", "--zip", str(zpath),
+                          "--out", str(tmp_path / "store"), "--workers", "1"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".store.tmp-*/images.npy")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "finished before it could be interrupted: make the zip larger"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err)
+    assert _only_zip_left(tmp_path)
