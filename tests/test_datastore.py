@@ -263,8 +263,9 @@ def zip_bench(tmp_path_factory):
     d = tmp_path_factory.mktemp("zipbench")
     zpath = make_edm_zip(d / "data.zip", 12, size=8, num_classes=4, seed=2)
     torch.manual_seed(0)
-    save_edm_safetensors(EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
-                                    num_blocks=1, attn_resolutions=[]), d / "teacher.safetensors")
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                     num_blocks=1, attn_resolutions=[])
+    save_edm_safetensors(net, d / "teacher.safetensors")
     bench = {"data": {"kind": "edm_zip", "path": str(zpath)}, "num_classes": 4, "resolution": 8, "channels": 3,
              "teacher": {"kind": "edm", "checkpoint": str(d / "teacher.safetensors")},
              "eval": {"num_samples": 8, "shards": 1, "feature_extractor": "digits", "metrics": ["max_ssim"]},
