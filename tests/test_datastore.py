@@ -329,3 +329,12 @@ def test_sigterm_leaves_no_store(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err)
     assert _only_zip_left(tmp_path)
+
+
+def test_load_data_from_store_equals_zip(zip_bench):
+    """What train-teacher --data-store and ref-stats read: the zip's data, bit for bit."""
+    from tfd.config import load_config
+    from tfd.runs import load_data
+    b = load_config(zip_bench / "cfg.yaml").bench()
+    (x0, y0), (x1, y1) = load_data(b), load_data(b, zip_bench / "store")
+    assert torch.equal(x0, x1) and torch.equal(y0, y1) and x1.shape == (12, 3, 8, 8)

@@ -58,7 +58,7 @@ def cmd_train_teacher(args):
     if b.teacher.kind != "train":
         sys.exit(f"benchmark {cfg.benchmark!r} uses a pretrained teacher (teacher.kind={b.teacher.kind!r}); "
                  "nothing to train")
-    x, y = load_data(b)
+    x, y = load_data(b, args.data_store)
     info = train_teacher(b.teacher, x, y, b.num_classes, args.out, progress=not args.no_progress)
     print(f"teacher: {info['params']:,} parameters, {info['steps']} steps in {info['wall_s']:.0f} s -> {args.out}")
 
@@ -439,7 +439,8 @@ def cmd_score(args):
 def _manifest_inputs(args) -> dict:
     return {k: v for k, v in (("teacher", args.teacher), ("ref_stats", args.ref_stats),
                               ("feature_weights", args.feature_weights), ("prompts", getattr(args, "prompts", None)),
-                              ("clip_checkpoint", getattr(args, "clip_checkpoint", None))) if v}
+                              ("clip_checkpoint", getattr(args, "clip_checkpoint", None)),
+                              ("data_store", getattr(args, "data_store", None))) if v}
 
 
 def cmd_table(args):
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate config.yaml and exit")
     s = add("train-teacher", cmd_train_teacher, "train the embedded teacher with the EDM loss")
     s.add_argument("--out", required=True, help="output safetensors (EDM format)")
+    s.add_argument("--data-store", default=None, metavar="DIR",
+                   help="data.kind edm_zip: read the images from the dataset store (tfd prepare-data)")
     s = add("train-feature-net", cmd_train_feature_net,
             "train the domain feature network (fid_digits; --data shapes: fid_shapes)", config=False)
     s.add_argument("--out", required=True)
@@ -645,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
         t.add_argument("--prompts", default=None, help="(manifest) the prompt table of a text benchmark")
         t.add_argument("--clip-checkpoint", default=None, help="(manifest) the CLIP model of clip_score")
+        t.add_argument("--data-store", default=None, metavar="DIR",
+                       help="(manifest) the dataset store the runs trained on (its recorded sha256)")
     from tfd.figures import add_figure_parser
     add_figure_parser(sub)
     from tfd.networks.convert import CONVERT_HELP

@@ -3,19 +3,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eval.conditions import ClassConditions, PromptTable, load_prompt_table
 from eval.errors import BadFile, UserError
 from tfd.config import BenchmarkCfg, ConfigError
-from tfd.data import ClassBalancedSampler, StoreSampler, digits_arrays, load_edm_zip, shapes_arrays
+from tfd.data import ClassBalancedSampler, StoreSampler, dequantise_u8, digits_arrays, load_edm_zip, shapes_arrays
 from tfd.denoiser import Denoiser, load_denoiser
 from tfd.sampling import heun_sampler, one_step_sampler
 
 
-def load_data(b: BenchmarkCfg) -> tuple[torch.Tensor, torch.Tensor]:
+def load_data(b: BenchmarkCfg, data_store: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The benchmark's real training data in memory: images `[N, C, H, W]` float32 in [-1, 1], labels
-    `[N]` int64 (an `edm_zip` is decoded whole: large data goes through a store, `open_data_store`)."""
+    `[N]` int64. An `edm_zip` is read from its dataset store `data_store` when given (converted in
+    chunks of rows, bit-identical to decoding the zip: `tfd.data.dequantise_u8`), else decoded whole
+    from the zip. Training that needs only batches should not hold it all: `build_method` samples
+    the store row by row."""
+    if data_store is not None:
+        store = open_data_store(b, data_store)
+        n, (h, w, c) = len(store.images), store.images.shape[1:]
+        x = torch.empty((n, c, h, w), dtype=torch.float32)
+        for lo in range(0, n, 4096):
+            x[lo:lo + 4096] = dequantise_u8(torch.from_numpy(np.array(store.images[lo:lo + 4096])))
+        return x, torch.from_numpy(store.labels.copy())
     if b.data.kind == "digits":
         x, y = digits_arrays("all")
     elif b.data.kind == "shapes":

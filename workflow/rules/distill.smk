@@ -48,7 +48,8 @@ rule distill:
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
                                         for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"),
                                                         ("positives", "positives"), ("train_prompts", "train-prompts"),
-                                                        ("prompts", "prompts"), ("pairs", "pairs"))
+                                                        ("prompts", "prompts"), ("pairs", "pairs"),
+                                                        ("data_store", "data-store"))
                                         if k in input.keys() and input[k]),
         # more than one GPU (set-resources distill:gpu=N): one process per GPU with torchrun (DDP)
         launch=lambda wc, resources: (f"torchrun --standalone --nproc-per-node {resources.gpu} -m tfd.cli --"
