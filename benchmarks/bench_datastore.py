@@ -7,9 +7,11 @@ then prints:
 - the peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) of a fresh process that builds the
   trainer's sampler and draws `--batches` TFD-shaped batches (`--groups` classes x `--per-class`
   images) from (a) the memory-mapped store (`StoreSampler`) and (b) the old in-memory path
-  (`load_edm_zip` + `ClassBalancedSampler` on float32), each in its own subprocess; with the
-  process's resident memory at the end split into anonymous (its own) and file-backed (pages of
-  the mapped store, the kernel's reclaimable file cache) from /proc/self/status.
+  (`load_edm_zip` + `ClassBalancedSampler` on float32), each in its own subprocess, beside (c) a
+  process that only imports them (torch and its libraries: the floor of every path); with the
+  resident memory at the end split into anonymous (the process's own) and file-backed (shared
+  libraries and the pages of the mapped store: the kernel's reclaimable file cache), from
+  /proc/self/status.
 
 Usage: python benchmarks/bench_datastore.py [--images 20000] [--size 64] [--classes 100] [--batches 200]
 """
@@ -60,13 +62,15 @@ torch.set_num_threads(1)
 mode, source, batches, G, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 gen = torch.Generator().manual_seed(0)
 t0 = time.perf_counter()
-if mode == "store":
+if mode == "baseline":  # the imports only: what every path pays before it holds any data
+    sampler = None
+elif mode == "store":
     sampler = StoreSampler(open_store(source), gen)
 else:
     x, y = load_edm_zip(source)
     sampler = ClassBalancedSampler(torch.from_numpy(x), torch.from_numpy(y), gen)
 t_ready = time.perf_counter() - t0
-for _ in range(batches):
+for _ in range(batches if sampler is not None else 0):
     imgs, cond = sampler.sample(G, k)
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("RssAnon", "RssFile")))
 print(json.dumps({"ready_s": t_ready, "draw_s": time.perf_counter() - t0 - t_ready,
@@ -98,6 +102,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_datastore_") as d:
         d = Path(d)
+        build_store(make_edm_zip(d / "warm.zip", 8, 8, 2), d / "warm", progress=False)  # one-time imports
         t0 = time.perf_counter()
         zpath = make_edm_zip(d / "data.zip", a.images, a.size, a.classes)
         print(f"synthetic zip: {a.images} random {a.size}x{a.size} RGB PNGs, {a.classes} classes, "
@@ -115,7 +120,8 @@ def main(argv=None) -> None:
         print("| data path | peak RSS (MiB) | RSS at end: anon / file-backed (MiB) | ready (s) | draws (s) |")
         print("|---|---:|---:|---:|---:|")
         for mode, label, src in (("store", "memory-mapped store (StoreSampler)", store),
-                                 ("memory", "in memory (load_edm_zip + ClassBalancedSampler)", zpath)):
+                                 ("memory", "in memory (load_edm_zip + ClassBalancedSampler)", zpath),
+                                 ("baseline", "imports only, no data (floor)", zpath)):
             r = draw_in_subprocess(mode, src, a.batches, a.groups, a.per_class)
             print(f"| {label} | {r['peak_rss_mb']:,.0f} | {r['rss_anon_mb']:,.0f} / {r['rss_file_mb']:,.0f} | "
                   f"{r['ready_s']:.2f} | {r['draw_s']:.2f} |", flush=True)
