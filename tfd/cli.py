@@ -300,6 +300,10 @@ def cmd_distill(args):
         raise ConfigError(f"run {args.run!r} is a sampler row ({run.method}): nothing to distill")
     tcfg = run.train if args.steps is None else dataclasses.replace(run.train, steps=args.steps)
     device = default_device()
+    data_sha256 = None
+    if args.data_store:  # checked first; its identity (tfd.datastore.store_sha256) goes in train.json
+        from tfd.runs import open_data_store
+        data_sha256 = open_data_store(b, args.data_store).sha256
     if b.task == "text":  # the teacher speaks the training prompts; the convergence record the eval prompts
         from eval.conditions import load_prompt_table
         from tfd.positives import check_positives_prompts
@@ -332,14 +336,19 @@ def cmd_distill(args):
     inputs = {k: path_sha256(v) for k, v in (("teacher", args.teacher), ("positives", args.positives),
                                               ("train_prompts", args.train_prompts), ("pairs", args.pairs))
               if v}
-    if args.data_store:  # the store's identity (its arrays' sha256s, tfd.datastore.store_sha256)
-        inputs["data"] = method.data.store.sha256
+    if data_sha256:
+        inputs["data"] = data_sha256
     if eval_fn is not None:  # the convergence record's inputs shape convergence.jsonl
         inputs.update({k: path_sha256(v) for k, v in (("ref_stats", args.ref_stats), ("prompts", args.prompts),
                                                       ("feature_weights", args.feature_weights)) if v})
     info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn, progress=not args.no_progress,
                    inputs=inputs).fit(resume=not args.no_resume)
     dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a SLURM allocation; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cmd_prepare_data(args):
@@ -593,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
             "dataset store (images.npy, labels, per-class index, store.json), with parallel workers", config=False)
     s.add_argument("--zip", required=True, help="EDM dataset zip (dataset_tool.py: PNGs + dataset.json labels)")
     s.add_argument("--out", required=True, help="the store folder (written atomically; replaced if it exists)")
-    s.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    s.add_argument("--workers", type=int, default=_usable_cpus(),
                    help="decoding processes (default: the CPUs this process may use)")
     s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
