@@ -338,3 +338,12 @@ def test_load_data_from_store_equals_zip(zip_bench):
     b = load_config(zip_bench / "cfg.yaml").bench()
     (x0, y0), (x1, y1) = load_data(b), load_data(b, zip_bench / "store")
     assert torch.equal(x0, x1) and torch.equal(y0, y1) and x1.shape == (12, 3, 8, 8)
+
+
+def test_manifest_entry_of_a_store_is_its_recorded_identity(store):
+    """A table manifest's input entry for the store: its sha256 and source from store.json (not a re-hash)."""
+    from tfd.tables import _file_entry
+    _, folder, meta = store
+    e = _file_entry(folder)
+    assert e["sha256"] == meta["sha256"] and e["count"] == 43 and e["source"] == meta["source"]
+    assert e["arrays"]["images"]["sha256"] == meta["arrays"]["images"]["sha256"]
