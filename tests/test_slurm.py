@@ -105,15 +105,19 @@ def make_coco_site(d: Path) -> dict:
 
 
 def dry_jobs(text: str) -> list[dict]:
-    """The jobs of a dry run: rule, wildcards, resources (as strings)."""
+    """The jobs of a dry run: rule, wildcards, resources (as strings), input and output (path lists)."""
     jobs = []
     for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", text)[1:]:
         m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        job = {"rule": m.group(1), "wildcards": {}, "resources": {}}
+        job = {"rule": m.group(1), "wildcards": {}, "resources": {}, "input": [], "output": []}
         for key in ("wildcards", "resources"):
             line = re.search(rf"^\s+{key}: (.*)$", block, re.M)
             if line:
                 job[key] = dict(kv.split("=", 1) for kv in line.group(1).split(", "))
+        for key in ("input", "output"):
+            line = re.search(rf"^\s+{key}: (.*)$", block, re.M)
+            if line:
+                job[key] = line.group(1).split(", ")
         jobs.append(job)
     return jobs
 
@@ -147,11 +151,17 @@ def test_paper_dag_dry_run(paper_dir, teacher_ext, run_snakemake):
     assert shards == 10  # the paper protocol: 50k samples in 10 shards
     expected = {"distill": len(trained), "sample_shard": shards * len(rows), "merge_samples": len(rows),
                 "score": len(rows), "table1": 1,  # no teacher training, no digits feature net, no ref_stats
-                "teacher_pairs": 10, "merge_teacher_pairs": 1}  # DMD's teacher pairs (one cache)
+                "teacher_pairs": 10, "merge_teacher_pairs": 1,  # DMD's teacher pairs (one cache)
+                "prepare_data": 1}  # the dataset stage: the zip -> results/imagenet64/data/store, once
     if teacher_ext == "pkl":
         expected["convert_edm"] = 1
     assert counts == expected, counts
     assert {j["wildcards"]["run"] for j in jobs if j["rule"] == "distill"} == set(trained)
+    # every training run and the table read the dataset store, never the zip (tfd prepare-data converts it once)
+    store = "results/imagenet64/data/store"
+    assert next(j for j in jobs if j["rule"] == "prepare_data")["output"] == [store]
+    assert all(store in j["input"] for j in jobs if j["rule"] in ("distill", "table1"))
+    assert f"--data-store {store}" in out and "--workers" in out
     assert {(j["wildcards"]["run"], int(j["wildcards"]["k"]), int(j["wildcards"]["n"]))
             for j in jobs if j["rule"] == "sample_shard"} == {(r, k, shards) for r in rows for k in range(shards)}
     assert not [j for j in jobs if j["wildcards"].get("run") in reported or "reported" in j["wildcards"].values()]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -57,7 +58,7 @@ def cmd_train_teacher(args):
     if b.teacher.kind != "train":
         sys.exit(f"benchmark {cfg.benchmark!r} uses a pretrained teacher (teacher.kind={b.teacher.kind!r}); "
                  "nothing to train")
-    x, y = load_data(b)
+    x, y = load_data(b, args.data_store)
     info = train_teacher(b.teacher, x, y, b.num_classes, args.out, progress=not args.no_progress)
     print(f"teacher: {info['params']:,} parameters, {info['steps']} steps in {info['wall_s']:.0f} s -> {args.out}")
 
@@ -100,6 +101,10 @@ def cmd_ref_stats(args):
                               f"set benchmarks.{cfg.benchmark}.data.images_dir")
         real = load_real_images(table, images_dir, b.eval.resolution or b.resolution)
         source = f"{len(real)} images of {args.prompts} from {images_dir}"
+    elif args.data_store:  # the store's uint8 images are the EDM-quantised training data, bit for bit
+        from tfd.runs import open_data_store
+        store = open_data_store(b, args.data_store)
+        real, source = store.images, f"{cfg.benchmark} training data (dataset store {store.sha256[:12]})"
     else:
         x, _ = load_data(b)
         real, source = to_nhwc_numpy(quantise_edm(torch.as_tensor(x))), f"{cfg.benchmark} training data"
@@ -295,6 +300,10 @@ def cmd_distill(args):
         raise ConfigError(f"run {args.run!r} is a sampler row ({run.method}): nothing to distill")
     tcfg = run.train if args.steps is None else dataclasses.replace(run.train, steps=args.steps)
     device = default_device()
+    data_sha256 = None
+    if args.data_store:  # checked first; its identity (tfd.datastore.store_sha256) goes in train.json
+        from tfd.runs import open_data_store
+        data_sha256 = open_data_store(b, args.data_store).sha256
     if b.task == "text":  # the teacher speaks the training prompts; the convergence record the eval prompts
         from eval.conditions import load_prompt_table
         from tfd.positives import check_positives_prompts
@@ -316,7 +325,8 @@ def cmd_distill(args):
         teacher = load_teacher(b, args.teacher, device)
     from tfd.utils import path_sha256
     method = build_method(b, args.run, teacher, device=device, seed=tcfg.seed, positives=args.positives,
-                          pairs=args.pairs, teacher_sha256=path_sha256(args.teacher) if args.pairs else None)
+                          pairs=args.pairs, teacher_sha256=path_sha256(args.teacher) if args.pairs else None,
+                          data_store=args.data_store)
     eval_fn = None
     if tcfg.eval_every and args.ref_stats:
         from tfd.convergence import convergence_eval_fn
@@ -326,12 +336,37 @@ def cmd_distill(args):
     inputs = {k: path_sha256(v) for k, v in (("teacher", args.teacher), ("positives", args.positives),
                                               ("train_prompts", args.train_prompts), ("pairs", args.pairs))
               if v}
+    if data_sha256:
+        inputs["data"] = data_sha256
     if eval_fn is not None:  # the convergence record's inputs shape convergence.jsonl
         inputs.update({k: path_sha256(v) for k, v in (("ref_stats", args.ref_stats), ("prompts", args.prompts),
                                                       ("feature_weights", args.feature_weights)) if v})
     info = Trainer(method, tcfg, args.out_dir, device=device, eval_fn=eval_fn, progress=not args.no_progress,
                    inputs=inputs).fit(resume=not args.no_resume)
     dist.print0(f"{args.run}: {info['iters']} iterations in {info['train_wall_s']:.0f} s -> {info['generator']}")
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a SLURM allocation; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cmd_prepare_data(args):
+    import signal
+
+    from tfd.datastore import build_store
+
+    def stop(signum, frame):  # SIGTERM (scancel, a killed Snakemake job): unwind, so nothing half-written stays
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        meta = build_store(args.zip, args.out, workers=args.workers, progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    shape = "x".join(map(str, meta["arrays"]["images"]["shape"]))
+    print(f"dataset store: {meta['count']} images ({shape} uint8) in {meta['num_classes']} classes, "
+          f"sha256 {meta['sha256'][:12]} -> {args.out}")
 
 
 def cmd_teacher_pairs(args):
@@ -422,7 +457,8 @@ def cmd_score(args):
 def _manifest_inputs(args) -> dict:
     return {k: v for k, v in (("teacher", args.teacher), ("ref_stats", args.ref_stats),
                               ("feature_weights", args.feature_weights), ("prompts", getattr(args, "prompts", None)),
-                              ("clip_checkpoint", getattr(args, "clip_checkpoint", None))) if v}
+                              ("clip_checkpoint", getattr(args, "clip_checkpoint", None)),
+                              ("data_store", getattr(args, "data_store", None))) if v}
 
 
 def cmd_table(args):
@@ -498,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate config.yaml and exit")
     s = add("train-teacher", cmd_train_teacher, "train the embedded teacher with the EDM loss")
     s.add_argument("--out", required=True, help="output safetensors (EDM format)")
+    s.add_argument("--data-store", default=None, metavar="DIR",
+                   help="data.kind edm_zip: read the images from the dataset store (tfd prepare-data)")
     s = add("train-feature-net", cmd_train_feature_net,
             "train the domain feature network (fid_digits; --data shapes: fid_shapes)", config=False)
     s.add_argument("--out", required=True)
@@ -515,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images-dir", default=None,
                    help="text benchmarks: folder of the real images (default: data.images_dir)")
     s.add_argument("--data-dir", default=None, help="text benchmarks: the embedded data folder (its images/)")
+    s.add_argument("--data-store", default=None, metavar="DIR",
+                   help="data.kind edm_zip: the dataset store (tfd prepare-data) instead of decoding the zip")
     s = add("text-data", cmd_text_data, "write the embedded digits-text data (COCO captions json + PNGs)")
     s.add_argument("--out-dir", required=True)
     s = add("prompts", cmd_prompts, "build a text benchmark's prompt table (pycocotools subset, or prompts.file)")
@@ -574,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--positives", default=None, help="text benchmarks: the positives cache (rule merge_positives)")
     s.add_argument("--pairs", default=None,
                    help="method dmd: the teacher pairs cache (rules teacher_pairs + merge_teacher_pairs)")
+    s.add_argument("--data-store", default=None, metavar="DIR",
+                   help="data.kind edm_zip: the dataset store (tfd prepare-data); the sampler reads only the rows "
+                        "it draws (default: the whole zip decoded into memory as float32)")
     s = add("teacher-pairs", cmd_teacher_pairs, "make one shard of a DMD run's teacher noise/ODE-output pairs")
     s.add_argument("--run", required=True, help="the run (method dmd) whose pair settings (params.pairs_*) to use")
     s.add_argument("--teacher", required=True, help="the teacher: EDM-format safetensors")
@@ -583,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("merge-pairs", cmd_merge_pairs, "join teacher pairs shards into the pairs cache", config=False)
     s.add_argument("--out", required=True, help="the pairs cache (safetensors)")
     s.add_argument("parts", nargs="+", help="every shard file of one cache (any order)")
+    s = add("prepare-data", cmd_prepare_data, "convert an EDM dataset zip once into a memory-mapped uint8 "
+            "dataset store (images.npy, labels, per-class index, store.json), with parallel workers", config=False)
+    s.add_argument("--zip", required=True, help="EDM dataset zip (dataset_tool.py: PNGs + dataset.json labels)")
+    s.add_argument("--out", required=True, help="the store folder (written atomically; replaced if it exists)")
+    s.add_argument("--workers", type=int, default=_usable_cpus(),
+                   help="decoding processes (default: the CPUs this process may use)")
     s = add("sample", cmd_sample, "generate samples of a run: image i has seed base+i and condition i %% len")
     s.add_argument("--run", required=True, help="run name under benchmarks.<bench>.runs")
     s.add_argument("--teacher", required=True,
@@ -639,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--feature-weights", default=None, metavar="PATH", help="(manifest) feature extractor weights")
         t.add_argument("--prompts", default=None, help="(manifest) the prompt table of a text benchmark")
         t.add_argument("--clip-checkpoint", default=None, help="(manifest) the CLIP model of clip_score")
+        t.add_argument("--data-store", default=None, metavar="DIR",
+                       help="(manifest) the dataset store the runs trained on (its recorded sha256)")
     s = add("plan", cmd_plan, "GPU-hours per job kind and in total, and the wall time on --gpus GPUs, of the tables "
             "and sweeps of the benchmark(s) (or of a Snakemake dry run's jobs), from the unit costs measured by "
             "benchmarks/bench_gpu.py; without them it says what is not measured")
@@ -660,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands whose `--out` is a folder (a diffusers save_pretrained folder); every other `--out` is a file
-FOLDER_OUTPUTS = ("train-vae", "train-t2i-teacher")
+FOLDER_OUTPUTS = ("train-vae", "train-t2i-teacher", "prepare-data")
 
 
 def _check_outputs_writable(args) -> None:

@@ -3,18 +3,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eval.conditions import ClassConditions, PromptTable, load_prompt_table
 from eval.errors import BadFile, UserError
 from tfd.config import BenchmarkCfg, ConfigError
-from tfd.data import ClassBalancedSampler, digits_arrays, load_edm_zip, shapes_arrays
+from tfd.data import ClassBalancedSampler, StoreSampler, dequantise_u8, digits_arrays, load_edm_zip, shapes_arrays
 from tfd.denoiser import Denoiser, load_denoiser
 from tfd.sampling import heun_sampler, one_step_sampler
 
 
-def load_data(b: BenchmarkCfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """The benchmark's real training data: images `[N, C, H, W]` float32 in [-1, 1], labels `[N]` int64."""
+def load_data(b: BenchmarkCfg, data_store: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmark's real training data in memory: images `[N, C, H, W]` float32 in [-1, 1], labels
+    `[N]` int64. An `edm_zip` is read from its dataset store `data_store` when given (converted in
+    chunks of rows, bit-identical to decoding the zip: `tfd.data.dequantise_u8`), else decoded whole
+    from the zip. Training that needs only batches should not hold it all: `build_method` samples
+    the store row by row."""
+    if data_store is not None:
+        store = open_data_store(b, data_store)
+        n, (h, w, c) = len(store.images), store.images.shape[1:]
+        x = torch.empty((n, c, h, w), dtype=torch.float32)
+        for lo in range(0, n, 4096):
+            x[lo:lo + 4096] = dequantise_u8(torch.from_numpy(np.array(store.images[lo:lo + 4096])))
+        return x, torch.from_numpy(store.labels.copy())
     if b.data.kind == "digits":
         x, y = digits_arrays("all")
     elif b.data.kind == "shapes":
@@ -22,6 +34,19 @@ def load_data(b: BenchmarkCfg) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         x, y = load_edm_zip(b.data.path)
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def open_data_store(b: BenchmarkCfg, path: str | Path):
+    """The dataset store at `path` (`tfd.datastore`, made by `tfd prepare-data` from `data.path`),
+    checked to be benchmark `b`'s: `data.kind` edm_zip, its image size and channels, and (cheaply)
+    the size of the configured zip. ConfigError for another data kind; BadFile naming the store."""
+    from tfd.datastore import check_store_fits, open_store
+    if b.data.kind != "edm_zip":
+        raise ConfigError(f"a dataset store holds an EDM zip's images, but this benchmark's data.kind is "
+                          f"{b.data.kind!r}: drop --data-store")
+    store = open_store(path)
+    check_store_fits(store, b.data.path, b.resolution, b.channels)
+    return store
 
 
 def conditions(b: BenchmarkCfg, prompts: str | Path | PromptTable | None = None) -> ClassConditions | PromptTable:
@@ -100,9 +125,11 @@ def run_nfe(b: BenchmarkCfg, run_name: str) -> int:
 
 def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu", seed: int = 0,
                  positives: str | Path | None = None, pairs: str | Path | None = None,
-                 teacher_sha256: str | None = None):
+                 teacher_sha256: str | None = None, data_store: str | Path | None = None):
     """The run's `Method` on the benchmark's data, its data sampler seeded by `seed` and the rank,
-    with its generator-loss add-ons (`runs.<run>.addons`).
+    with its generator-loss add-ons (`runs.<run>.addons`). A class benchmark's data: the dataset
+    store `data_store` (`StoreSampler`: rows read as drawn), else `load_data` in memory; both draw
+    the same batches.
 
     A text benchmark's data is its positives cache (`positives`, made by `tfd.positives`; the
     teacher must have the cache's training prompt table bound); ConfigError without one. A method
@@ -120,6 +147,9 @@ def build_method(b: BenchmarkCfg, run_name: str, teacher: Denoiser, device="cpu"
                               "rule merge_positives)")
         from tfd.positives import PositivesSampler
         data = PositivesSampler.from_file(positives, gen, device)
+    elif data_store is not None:
+        data = StoreSampler(open_data_store(b, data_store), gen, device=device,
+                            num_conditions=len(conditions(b)) if b.num_classes else None)
     else:
         x, y = load_data(b)
         data = ClassBalancedSampler(x.to(device), y.to(device), gen,

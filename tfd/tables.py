@@ -541,7 +541,14 @@ def write_ablation(cfg: Config, results_dir, name: str, out, curves_out=None) ->
 
 def _file_entry(path: Path) -> dict:
     """{path, sha256, bytes} of a file; of a folder (a diffusers pipeline) the sha256 of its
-    files' relative paths and hashes, in order; {path, exists: False} when there is nothing."""
+    files' relative paths and hashes, in order; of a dataset store (`tfd.datastore`) its recorded
+    identity, count and source zip (its arrays were hashed when it was built; they are not read
+    again); {path, exists: False} when there is nothing."""
+    if path.is_dir() and (path / "store.json").is_file():
+        from tfd.datastore import open_store
+        meta = open_store(path).meta
+        return {"path": str(path), "sha256": meta["sha256"], "count": meta["count"], "source": meta["source"],
+                "arrays": {k: {f: v[f] for f in ("shape", "dtype", "sha256")} for k, v in meta["arrays"].items()}}
     if path.is_dir():
         files = [f for f in path.rglob("*") if f.is_file()]
         return {"path": str(path), "sha256": path_sha256(path), "files": len(files),

@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 
 from eval.io import atomic_write_text
 from eval.modes import DATA_VERSION as SHAPES_DATA_VERSION
+from tfd.datastore import STORE_VERSION
 from tfd.config import Config, ConfigError, check, from_dict, input_paths, params_spec
 from tfd.launch import LAUNCH_RESOURCES, distill_launch
 
@@ -266,10 +267,25 @@ def feature_weights_file(bench=None):
 FEATURE_NETS = ("digits", "shapes")  # domain feature networks the DAG trains (rules digits_/shapes_feature_net)
 
 
-def dataset_input(bench):
-    """A class benchmark's dataset file (data.kind edm_zip: data.path) as a named input, else {}."""
+def dataset_store(bench):
+    """The dataset store the jobs of a class benchmark with data.kind edm_zip read instead of its zip
+    (made once from data.path by the prepare_data job, tfd.datastore), else None."""
     b = BENCHES[bench]
-    return {"dataset": b.data.path} if b.task != "text" and b.data.kind == "edm_zip" and b.data.path else {}
+    return f"results/{bench}/data/store" if b.task != "text" and b.data.kind == "edm_zip" and b.data.path else None
+
+
+def dataset_input(bench):
+    """A class benchmark's dataset store as a named input (`data_store`, CLI --data-store), else {}."""
+    store = dataset_store(bench)
+    return {"data_store": store} if store else {}
+
+
+def prepare_data_input(wildcards):
+    """The EDM dataset zip (data.path) that rule prepare_data converts into the benchmark's store."""
+    b = BENCHES[wildcards.bench]
+    if dataset_store(wildcards.bench) is None:
+        raise WorkflowError(f"benchmark {wildcards.bench!r} has no EDM dataset zip (data.kind edm_zip, data.path)")
+    return b.data.path
 
 
 def ref_stats_file(bench=None):
@@ -474,7 +490,8 @@ def input_flags(wildcards, input):
     """CLI flags for the optional inputs a rule was given (named inputs that are present)."""
     flags = {"generator": "--generator", "prompts": "--prompts", "fweights": "--feature-weights",
              "clip": "--clip-checkpoint", "clip_config": "--clip-model-config", "ref": "--ref-stats",
-             "images": "--images-dir", "captions": "--captions-json", "data": "--data-dir", "file": "--prompts-file"}
+             "images": "--images-dir", "captions": "--captions-json", "data": "--data-dir", "file": "--prompts-file",
+             "data_store": "--data-store"}
     return " ".join(f"{flag} {input[k]}" for k, flag in flags.items() if k in input.keys() and input[k])
 
 
@@ -517,7 +534,8 @@ def ablation_inputs(wildcards):
     """What an ablation table reads: its runs' outputs (in its benchmark) and the files of the manifest."""
     b = ABLATION_BENCH[wildcards.ablation]
     return {"runs": run_outputs(ablation_runs(wildcards.ablation), b), "teacher": teacher_file(b),
-            "ref_stats": ref_stats_file(b), "feature_weights": feature_weights_file(b), "prompts": prompts_file(b)}
+            "ref_stats": ref_stats_file(b), "feature_weights": feature_weights_file(b), "prompts": prompts_file(b),
+            **dataset_input(b)}
 
 
 def table2_runs():
@@ -543,7 +561,7 @@ def sample_run(run, bench=None):
 
 def manifest_inputs(wildcards, input):
     return " ".join(f"--{k.replace('_', '-')} {input[k]}"
-                    for k in ("teacher", "ref_stats", "feature_weights", "prompts", "clip_checkpoint")
+                    for k in ("teacher", "ref_stats", "feature_weights", "prompts", "clip_checkpoint", "data_store")
                     if k in input.keys() and input[k])
 
 

@@ -48,7 +48,8 @@ rule distill:
         conv=lambda wc, input: " ".join(f"--{flag} {input[k]}"
                                         for k, flag in (("ref", "ref-stats"), ("fweights", "feature-weights"),
                                                         ("positives", "positives"), ("train_prompts", "train-prompts"),
-                                                        ("prompts", "prompts"), ("pairs", "pairs"))
+                                                        ("prompts", "prompts"), ("pairs", "pairs"),
+                                                        ("data_store", "data-store"))
                                         if k in input.keys() and input[k]),
         # how `tfd` starts (tfd/launch.py): one process; `gpu: N`: torchrun --standalone, N processes (DDP);
         # `nodes: N`: srun + torchrun on each node, c10d rendezvous on the job's first node

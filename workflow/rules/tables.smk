@@ -7,6 +7,7 @@ rule table1:
         teacher=teacher_file(),
         ref_stats=ref_stats_file(),
         feature_weights=feature_weights_file(),
+        **dataset_input(BENCH),  # data.kind edm_zip: the dataset store (its sha256 goes in the manifest)
     output:
         csv="results/table1.csv",
         md="results/table1.md",
@@ -88,6 +89,7 @@ if BENCH_CFG.table_methods:
           teacher=teacher_file(),
           ref_stats=ref_stats_file(),
           feature_weights=feature_weights_file(),
+          **dataset_input(BENCH),
       output:
           csv="results/table_methods.csv",
           md="results/table_methods.md",

@@ -16,8 +16,9 @@ if BENCH_CFG.teacher.kind == "train":
       priority: LONG_POLE_PRIORITY
       resources:
           runtime=60,
-      shell:
-          "OMP_NUM_THREADS={threads} tfd train-teacher --config {CONFIG_FILE} --no-progress --out {output} > {log} 2>&1"
+      shell:  # a teacher trained on an EDM zip reads its dataset store (the embedded benchmarks' command as it was)
+          ("OMP_NUM_THREADS={threads} tfd train-teacher --config {CONFIG_FILE} --no-progress --out {output} "
+           + ("--data-store {input.data_store} " if dataset_store(BENCH) else "") + "> {log} 2>&1")
 
 
 elif str(BENCH_CFG.teacher.checkpoint or "").endswith(".pkl"):
