@@ -2,9 +2,20 @@
 checkpoint/resume, NaN guard, `stats.jsonl` and a progress bar.
 
 A method (tfd.methods) owns networks and losses; `train_step` returns one loss per network to
-update. Gradients are averaged over ranks with one flat all-reduce per network (the arithmetic of
-DistributedDataParallel, without wrapping modules, so a method may run any network any number of
-times per step).
+update. Gradients are averaged over ranks after each network's backward, one all-reduce per bucket of
+`train.bucket_cap_mb` MB (DDP's bucketing and default, `tfd.dist.all_reduce_mean_`): the extra memory
+is one bucket, not a copy of every gradient.
+
+Why not `torch.nn.parallel.DistributedDataParallel`: its reducer only reduces the gradients of a
+backward that follows a call of the wrapper's `forward` (which arms it), and expects each armed
+network's parameters to get gradients exactly once before the next forward. The methods do not fit
+that: they call `Denoiser.denoise` / `features` (forward hooks) and submodules (DMD2's `fake.head`,
+`fake.net`), never `forward`, so a wrapper would never be armed; one step runs a network several times
+with and without grad (DMD2: fake score under no_grad for the DM target, with grad for its own loss and
+the discriminator, with `requires_grad` switched off for the generator's GAN term; few-step students
+unroll the generator), and backpropagates two losses in turn. Reducing after each network's backward
+from torch.distributed's `all_reduce` is correct for all of them; it gives up DDP's overlap of
+communication with the backward pass.
 
 Faults a cluster job meets are survived, so that a resubmitted (SLURM) job makes progress: a job
 killed at any point resumes from its last good checkpoint, and its logs hold each step once; a
@@ -302,13 +313,14 @@ class Trainer:
         dist.barrier()
 
     # Settings that may change between a run and its resumption (e.g. extending `steps`).
-    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "eval_every")
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "eval_every", "bucket_cap_mb")
 
     def _stale_reason(self, s: dict) -> str | None:
         """Why checkpoint state `s` belongs to another run (other settings, method, parameters or
         network shapes), or None when this run can resume it."""
+        theirs = {**TrainCfg.NEW_DEFAULTS, **dict(s["config"])}  # checkpoints older than an option: its default
         ours = {k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES}
-        theirs = {k: v for k, v in dict(s["config"]).items() if k not in self.RESUMABLE_CHANGES}
+        theirs = {k: v for k, v in theirs.items() if k not in self.RESUMABLE_CHANGES}
         if ours != theirs:
             changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             return f"other settings ({', '.join(changed)})"
@@ -419,18 +431,10 @@ class Trainer:
         return min(1.0, (self.step + 1) / max(self.cfg.warmup_steps, 1))
 
     def _allreduce_grads(self, net: torch.nn.Module) -> None:
-        if not dist.is_distributed():
-            return
+        """Average `net`'s gradients over ranks in place, one all-reduce per `bucket_cap_mb` bucket
+        (`tfd.dist.all_reduce_mean_`; the gradients in reverse parameter order, as DDP's buckets)."""
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= dist.get_world_size()
-        i = 0
-        for g in grads:
-            g.copy_(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
+        dist.all_reduce_mean_(grads[::-1], self.cfg.bucket_cap_mb)
 
     def _step_network(self, name: str, loss: torch.Tensor, metrics: dict) -> None:
         """Backward, all-reduce, unscale, clip, warm-up lr and one optimiser step of one network."""
