@@ -67,9 +67,14 @@ def train(kind: str, rank: int, world: int, run_dir, **train_kw) -> dict:
     m = split_batches(make(kind), rank, world)
     cfg = TrainCfg(steps=STEPS, lr=1e-3, warmup_steps=1, grad_clip=1.0, **train_kw)
     t = Trainer(m, cfg, run_dir, progress=False)
+    if cfg.shard == "fsdp" and world > 1:  # really sharded: each rank holds its half of every weight
+        from torch.distributed.tensor import DTensor
+        params = [p for net in t.nets.values() for p in net.parameters()]
+        assert all(isinstance(p, DTensor) for p in params)
+        assert sum(p.to_local().numel() for p in params) <= sum(p.numel() for p in params) // world + 100
     for _ in range(STEPS):
         t.train_one_step()
-    return {k: {n: v.detach().clone() for n, v in net.state_dict().items()} for k, net in t.nets.items()}
+    return _full_weights(t)
 
 
 def _worker(rank, port, outdir, kind, train_kw):
@@ -121,3 +126,17 @@ def test_bucketed_two_ranks_equal_one_process(tmp_path, kind):
     moved = max((single["generator"][n] - w).abs().max().item()
                 for n, w in make(kind).generator.state_dict().items())
     assert moved > 1e-4  # the test can fail: the generator did train
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------------
+
+def _full_weights(t: Trainer) -> dict:
+    from tfd import fsdp
+    return {k: {n: fsdp.full(v).detach().clone() for n, v in net.state_dict().items()} for k, net in t.nets.items()}
+
+
+@pytest.mark.parametrize("kind", ["tfd", "dmd2"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
+    ranks = two_ranks(kind, tmp_path, shard="fsdp")
+    single = train(kind, 0, 1, tmp_path / "single")
+    assert_same_weights(single, ranks)

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from eval.errors import UserError
-from tfd import dist
+from tfd import dist, fsdp
 from tfd.config import TrainCfg, params_spec  # noqa: F401  (TrainCfg re-exported: the trainer's settings)
 from tfd.utils import (
     JsonlLogger,
@@ -229,24 +229,32 @@ class Trainer:
                         m.set_gradient_checkpointing(True)
         if cfg.precision != "fp32" and self.device.type != "cuda":
             raise UserError(f"precision {cfg.precision!r} needs a GPU; use fp32 on CPU")
-        self.opts = {
+        if dist.is_distributed():  # identical initial weights on every rank
+            for net in self.nets.values():
+                for p in net.parameters():
+                    torch.distributed.broadcast(p.data, 0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.ema = (copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False)
+                    if cfg.ema_halflife_steps > 0 else None)
+        # FSDP2 (`train.shard: fsdp`) under torchrun; one process has nothing to shard and trains unsharded
+        self.fsdp = cfg.shard == "fsdp" and dist.is_distributed()
+        if self.fsdp:
+            self._shapes = {"generator": fsdp.meta_copy(self.nets["generator"])}  # to rebuild full copies
+            mesh = fsdp.mesh(self.device)
+            policy = fsdp.policy(cfg.precision)
+            for net in [*self.nets.values(), *([self.ema] if self.ema is not None else [])]:
+                fsdp.shard(net, mesh, policy)
+        self.opts = {  # after sharding: FSDP2 replaces the parameters by sharded ones (DTensor)
             name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                     lr=cfg.lr_by_network.get(name, cfg.lr), betas=tuple(cfg.betas),
                                     weight_decay=cfg.weight_decay)
             for name, net in self.nets.items()}
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        self.ema = (copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False)
-                    if cfg.ema_halflife_steps > 0 else None)
         self.step = 0
         self.train_wall_s = 0.0
         self.updates = {name: 0 for name in self.nets}   # optimiser steps per network (DMD2: generator every 5th)
         # The next checkpoint keeps the latest one as `.prev`: only once this run has resumed or saved one
         # (after a fresh start the files there belong to an earlier run and are not a fallback for this one).
         self._keep_previous = False
-        if dist.is_distributed():  # identical initial weights on every rank
-            for net in self.nets.values():
-                for p in net.parameters():
-                    torch.distributed.broadcast(p.data, 0)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -418,9 +426,15 @@ class Trainer:
             if mine["step"] > low:  # another rank lacks this step: try this rank's older checkpoint
                 state, i = None, i + 1
 
+    def exported_net(self) -> torch.nn.Module:
+        """The generator to export or evaluate (its EMA when enabled); under FSDP an unsharded copy
+        gathered from the shards (a collective: every rank calls it)."""
+        net = self.ema if self.ema is not None else self.nets["generator"]
+        return fsdp.full_copy(net, self._shapes["generator"]) if self.fsdp else net
+
     def export_generator(self) -> Path:
         """Write the generator (its EMA when enabled) with its own `save()` (rank 0)."""
-        net = self.ema if self.ema is not None else self.nets["generator"]
+        net = self.exported_net()
         out = self.run_dir / "generator.safetensors"
         if dist.get_rank() == 0:
             net.save(out)
@@ -433,6 +447,8 @@ class Trainer:
     def _allreduce_grads(self, net: torch.nn.Module) -> None:
         """Average `net`'s gradients over ranks in place, one all-reduce per `bucket_cap_mb` bucket
         (`tfd.dist.all_reduce_mean_`; the gradients in reverse parameter order, as DDP's buckets)."""
+        if self.fsdp:  # FSDP2 reduce-scattered (averaged) them in the backward pass
+            return
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         dist.all_reduce_mean_(grads[::-1], self.cfg.bucket_cap_mb)
 
@@ -445,7 +461,7 @@ class Trainer:
         self.scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-            metrics[f"grad_norm/{name}"] = float(norm)
+            metrics[f"grad_norm/{name}"] = float(fsdp.full(norm))
         for g in opt.param_groups:
             g["lr"] = self.cfg.lr_by_network.get(name, self.cfg.lr) * self._lr_scale()
         self.scaler.step(opt)
@@ -491,9 +507,10 @@ class Trainer:
     def _record_convergence(self, conv) -> None:
         """One point of the convergence record: the eval_fn's FID of the generator (its EMA when
         enabled) at this iteration, with the generator update count and the training wall time."""
-        net = self.ema if self.ema is not None else self.nets["generator"]
-        conv.write({"step": self.step, "generator_updates": self.updates["generator"],
-                    "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
+        net = self.exported_net()  # every rank (FSDP gathers); rank 0 evaluates and writes
+        if conv is not None:
+            conv.write({"step": self.step, "generator_updates": self.updates["generator"],
+                        "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
 
     def _claim_run_dir(self) -> RunLock | None:
         """Rank 0 checks that the run and checkpoint folders are writable (`BadFile` otherwise) and locks
@@ -548,10 +565,9 @@ class Trainer:
         upto = self.step if self.step > 0 else None
         log = JsonlLogger(self.run_dir / "stats.jsonl", resume_step=upto) if rank0 else None
         conv = JsonlLogger(self.run_dir / "convergence.jsonl", resume_step=upto) if rank0 else None
-        recording = self.eval_fn is not None and cfg.eval_every > 0 and conv is not None
+        recording = self.eval_fn is not None and cfg.eval_every > 0 and (conv is not None or self.fsdp)
         if recording and self.step == 0:  # the initial generator (the EMA equals it at step 0)
-            conv.write({"step": 0, "generator_updates": 0, "train_wall_s": 0.0,
-                        **self.eval_fn(self.nets["generator"], 0)})
+            self._record_convergence(conv)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method.name}",
                    disable=not self.progress, mininterval=2)
         acc: dict[str, float] = {}
