@@ -140,3 +140,45 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
     ranks = two_ranks(kind, tmp_path, shard="fsdp")
     single = train(kind, 0, 1, tmp_path / "single")
     assert_same_weights(single, ranks)
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------
+
+def _resume_worker(rank, port, outdir, train_kw):
+    from tests.helpers import crash_and_resume, make_method
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        cfg = TrainCfg(steps=6, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=2, ema_halflife_steps=2.0,
+                       **train_kw)
+        ref, resumed = crash_and_resume(make_method, cfg, Path(outdir))
+        out = {"step": resumed.step, "ref": _full_weights(ref), "resumed": _full_weights(resumed)}
+        for name, t in (("ref_ema", ref), ("resumed_ema", resumed)):
+            from tfd import fsdp
+            out[name] = {n: fsdp.full(v).clone() for n, v in t.ema.state_dict().items()}
+        torch.save(out, Path(outdir) / f"resume{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_sharded_checkpoint_resumes_exactly(tmp_path, shard):
+    from tests.helpers import make_method
+    from eval.errors import UserError
+    sys.path.insert(0, str(ROOT))
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), {"shard": shard}), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"resume{r}.pt", weights_only=False)
+        assert got["step"] == 6
+        assert_same_weights(got["ref"], [got["resumed"]], tol=1e-7)
+        assert_same_weights({"ema": got["ref_ema"]}, [{"ema": got["resumed_ema"]}], tol=1e-7)
+    ckpt = tmp_path / "b" / "ckpt"
+    files = {p.name for p in (ckpt / "training-state.dcp").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer.json"} <= files
+    assert (ckpt / "training-state.prev.dcp" / "trainer.json").is_file()
+    assert not list(ckpt.glob("*.pt"))  # no single-file checkpoints under torchrun
+    # written by 2 processes, resumed by 1: a one-line UserError saying what to do
+    with pytest.raises(UserError, match=r"2 process.*--nproc_per_node 2.*--no-resume") as e:
+        Trainer(make_method(), TrainCfg(steps=7, checkpoint_every=3, shard=shard), tmp_path / "b",
+                progress=False).fit()
+    assert "\n" not in str(e.value)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from eval.errors import UserError
-from tfd import dist, fsdp
+from tfd import dist, fsdp, sharded_ckpt
 from tfd.config import TrainCfg, params_spec  # noqa: F401  (TrainCfg re-exported: the trainer's settings)
 from tfd.utils import (
     JsonlLogger,
@@ -157,12 +159,19 @@ def _set_aside(path: Path, tag: str) -> Path:
     while tag == "corrupt" and (dest.exists() or checksum_path(dest).exists()):
         n += 1
         dest = path.with_name(f"{path.name}.{tag}.{n}")
+    if dest.is_dir():  # a sharded checkpoint (a folder) set aside as `stale` before
+        shutil.rmtree(dest)
     os.replace(path, dest)
     if checksum_path(path).exists():
         os.replace(checksum_path(path), checksum_path(dest))
     else:
         checksum_path(dest).unlink(missing_ok=True)
     return dest
+
+
+def _plain(obj):
+    """`obj` as JSON reads it back (tuples become lists): a sharded checkpoint keeps its settings in JSON."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _gather(obj) -> list:
@@ -187,11 +196,15 @@ class Trainer:
                                         train_wall_s (s) and the `eval_fn` metrics (when given)
         run_dir/train.lock              the run folder's lock (flock, rank 0; see `tfd.utils.RunLock`)
         run_dir/train.lock.holder       who holds it: host, pid, start time (JSON; removed on release)
-        run_dir/ckpt/training-state.pt          the latest resume state: networks, optimisers, EMA, RNG,
-                                                step, config (rank 0; rank r>0: training-state-rank<r>.pt,
-                                                its RNG and a copy of the weights)
+        run_dir/ckpt/training-state.pt          one process: the latest resume state: networks, optimisers,
+                                                EMA, RNG, step, config (`torch.save`)
         run_dir/ckpt/training-state.pt.sha256   its sha256 (`sha256sum` format), written after it
         run_dir/ckpt/training-state.prev.pt     the checkpoint before the latest (+ `.sha256`): the fallback
+        run_dir/ckpt/training-state.dcp/        under torchrun: the latest, sharded (`torch.distributed.checkpoint`,
+                                                `tfd.sharded_ckpt`): every rank's shard of the weights, AdamW
+                                                state and EMA, each rank's RNG, and `trainer.json` (step,
+                                                config, world size, sha256 of every file) written last
+        run_dir/ckpt/training-state.prev.dcp/   the sharded checkpoint before the latest: the fallback
         run_dir/ckpt/<name>.corrupt[.N]         set aside on resume: unreadable, checksum mismatch or
                                                 missing keys (an older one is never replaced)
         run_dir/ckpt/<name>.stale               set aside on resume: written with other settings
@@ -199,10 +212,14 @@ class Trainer:
     Resume (`fit(resume=True)`, `try_resume`) takes the latest checkpoint that reads back whole (and
     matches its checksum, when it has one: checkpoints of older versions have none and are resumed
     unverified), falling back to `.prev`, else starting from scratch with a warning; logs are cut back
-    to the resumed step. Under DDP the ranks agree on one step. Errors: `RunBusy` (another trainer
+    to the resumed step. Under torchrun rank 0 checks the sharded checkpoints and every rank loads the
+    one it chose (per-rank `training-state-rank<r>.pt` files of earlier versions are still resumed,
+    the ranks agreeing on one step, when no sharded one exists). A checkpoint is resumed only by as
+    many processes as wrote it (the RNG streams are per rank). Errors: `RunBusy` (another trainer
     holds the folder), `eval.errors.BadFile` (folder not writable), `UserError` (resumed with another
-    number of processes), `NonFiniteLoss`; `OSError` (disk full: ENOSPC/EFBIG) from a checkpoint
-    write, which leaves no temporary file and the previous checkpoint resumable.
+    number of processes: the message says to resume with `torchrun --nproc_per_node N` or start
+    afresh), `NonFiniteLoss`; `OSError` (disk full: ENOSPC/EFBIG) from a checkpoint write, which
+    leaves no temporary file and the previous checkpoint resumable.
     """
 
     def __init__(self, method, cfg: TrainCfg, run_dir: str | Path, device="cpu",
@@ -257,18 +274,24 @@ class Trainer:
         self._keep_previous = False
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def small_state(self) -> dict:
+        """The resume state without tensors: step, wall time, updates, GradScaler, world size, config,
+        method, its parameters, input files, add-ons (a sharded checkpoint's `trainer.json`)."""
         return {"step": self.step, "train_wall_s": self.train_wall_s, "updates": dict(self.updates),
-                "nets": {k: v.state_dict() for k, v in self.nets.items()},
-                "opts": {k: v.state_dict() for k, v in self.opts.items()},
-                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "data": self.method.data.generator.get_state()},
                 "world_size": dist.get_world_size(), "config": asdict(self.cfg),
                 "method": self.method.name, "method_params": params_spec(self.method.params), "inputs": self.inputs,
                 "addons": self.addons.settings() if self.addons is not None else None}
+
+    def state_dict(self) -> dict:
+        """The whole resume state of one process (the single-file checkpoint)."""
+        return {**self.small_state(),
+                "nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "opts": {k: v.state_dict() for k, v in self.opts.items()},
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "data": self.method.data.generator.get_state()}}
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
@@ -303,11 +326,100 @@ class Trainer:
         """This rank's latest checkpoint: `training-state.pt` (rank 0) or `training-state-rank<r>.pt`."""
         return self._ckpt_files()[0]
 
+    # -- sharded checkpoints (under torchrun: torch.distributed.checkpoint, tfd.sharded_ckpt) ----
+    def _dcp_dirs(self) -> tuple[Path, Path]:
+        """The latest and previous sharded checkpoints: `training-state.dcp/`, `training-state.prev.dcp/`."""
+        return (self.ckpt_path.with_name("training-state.dcp"), self.ckpt_path.with_name("training-state.prev.dcp"))
+
+    def _dcp_tensors(self) -> dict:
+        """The tensors of a sharded checkpoint, this rank's view: weights and AdamW state by parameter
+        name (`torch.distributed.checkpoint.state_dict`: sharded under FSDP2, replicated otherwise),
+        the EMA, and this rank's RNG states under `rng.rank<r>`."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        out = {"nets": {k: get_model_state_dict(net) for k, net in self.nets.items()},
+               "opts": {k: get_optimizer_state_dict(self.nets[k], opt) for k, opt in self.opts.items()},
+               "rng": {f"rank{dist.get_rank()}": {**sharded_ckpt.rng_state(),
+                                                  "data": self.method.data.generator.get_state()}}}
+        if self.ema is not None:
+            out["ema"] = get_model_state_dict(self.ema)
+        return out
+
+    def _save_sharded(self) -> None:
+        cur, prev = self._dcp_dirs()
+        if dist.get_rank() == 0:
+            cur.parent.mkdir(parents=True, exist_ok=True)
+            if not self._keep_previous:  # an earlier run's checkpoints are no fallback for this one
+                shutil.rmtree(prev, ignore_errors=True)
+        sharded_ckpt.write(self._dcp_tensors(), self.small_state(), cur, prev if self._keep_previous else None,
+                           dist.get_rank(), dist.barrier)
+        self._keep_previous = True
+
+    def _choose_sharded(self) -> tuple[str, object]:
+        """Rank 0: which sharded checkpoint to resume: ("resume", (path, trainer.json)), ("scratch", None)
+        or ("error", message). Damaged ones are set aside as `.corrupt`, ones of other settings as
+        `.stale` (as the single-file checkpoints)."""
+        cands = [p for p in self._dcp_dirs() if p.is_dir()]
+        damaged = False
+        for i, path in enumerate(cands):
+            meta, problem = sharded_ckpt.read_meta(path)
+            missing = [k for k in CKPT_KEYS if k not in ("nets", "opts", "ema", "rng") and k not in (meta or {})]
+            if problem is None and missing:
+                problem = f"missing keys {missing}"
+            if problem is not None:
+                dest = _set_aside(path, "corrupt")
+                _warn(f"{path}: damaged checkpoint, {problem}; set aside as {dest.name}")
+                damaged = True
+                continue
+            if meta["world_size"] != dist.get_world_size():
+                return "error", self._world_size_message(meta["world_size"])
+            shapes = {name: {k: torch.empty(shape, device="meta") for k, shape in
+                             sharded_ckpt.tensor_shapes(path, f"nets.{name}.").items()} for name in self.nets}
+            reason = self._stale_reason({**meta, "nets": shapes})
+            if reason is not None:
+                _warn(f"{path} was written with {reason}; starting from scratch (old checkpoint kept as "
+                      f"{path.name}.stale)")
+                for p in cands[i:]:
+                    _set_aside(p, "stale")
+                return "scratch", None
+            return "resume", (str(path), meta)
+        if damaged:
+            _warn(f"no good checkpoint left in {self.ckpt_path.parent}; starting from scratch")
+        return "scratch", None
+
+    def _try_resume_sharded(self) -> bool:
+        """Resume from the sharded checkpoint rank 0 chose (`_choose_sharded`); every rank loads it."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        choice = [self._choose_sharded() if dist.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        kind, arg = choice[0]
+        if kind == "error":
+            raise UserError(arg)
+        if kind == "scratch":
+            return False
+        path, meta = arg
+        tensors = self._dcp_tensors()
+        sharded_ckpt.load(tensors, Path(path))
+        for k, net in self.nets.items():
+            set_model_state_dict(net, tensors["nets"][k])
+            set_optimizer_state_dict(net, self.opts[k], tensors["opts"][k])
+        if self.ema is not None:
+            set_model_state_dict(self.ema, tensors["ema"])
+        mine = tensors["rng"][f"rank{dist.get_rank()}"]
+        sharded_ckpt.set_rng_state(mine)
+        self.method.data.generator.set_state(mine["data"])
+        self.step, self.train_wall_s, self.updates = meta["step"], meta["train_wall_s"], dict(meta["updates"])
+        self.scaler.load_state_dict(meta["scaler"])
+        self._keep_previous = True
+        dist.print0(f"resumed from {path} at step {self.step}")
+        return True
+
     def save_checkpoint(self) -> None:
-        """Write this rank's checkpoint (per-rank RNG differs, so every rank keeps its own file; rank 0's
-        also holds the weights): the latest becomes `.prev`, the new one is written atomically, then its
-        `.sha256`. Raises the OSError of a full disk (ENOSPC/EFBIG) with no temporary file left and the
+        """Under torchrun: a sharded checkpoint (`_save_sharded`, see the class docstring). In one
+        process: write `training-state.pt`: the latest becomes `.prev`, the new one is written atomically,
+        then its `.sha256`. Raises the OSError of a full disk (ENOSPC/EFBIG) with no temporary file left and the
         `.prev` checkpoint in place."""
+        if dist.is_distributed():
+            return self._save_sharded()
         state = self.state_dict()
         cur, prev = self._ckpt_files()
         cur.parent.mkdir(parents=True, exist_ok=True)
@@ -327,16 +439,16 @@ class Trainer:
         """Why checkpoint state `s` belongs to another run (other settings, method, parameters or
         network shapes), or None when this run can resume it."""
         theirs = {**TrainCfg.NEW_DEFAULTS, **dict(s["config"])}  # checkpoints older than an option: its default
-        ours = {k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES}
-        theirs = {k: v for k, v in theirs.items() if k not in self.RESUMABLE_CHANGES}
+        ours = _plain({k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES})
+        theirs = _plain({k: v for k, v in theirs.items() if k not in self.RESUMABLE_CHANGES})
         if ours != theirs:
             changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             return f"other settings ({', '.join(changed)})"
         if s.get("method") != self.method.name:
             return f"another method ({s.get('method')!r})"
-        if s.get("method_params") != params_spec(self.method.params):
+        if _plain(s.get("method_params")) != _plain(params_spec(self.method.params)):
             return "other method parameters"
-        if s.get("addons") != (self.addons.settings() if self.addons is not None else None):
+        if _plain(s.get("addons")) != _plain(self.addons.settings() if self.addons is not None else None):
             return "other add-on settings (addons)"
         theirs_in = s.get("inputs")
         if theirs_in is not None and theirs_in != self.inputs:  # older checkpoints carry none: not checked
@@ -387,7 +499,18 @@ class Trainer:
         next one tried; one written with other settings is set aside as `.stale` (with the older one)
         and the run starts from scratch; none good: from scratch, with a warning when one was damaged.
         Under DDP every rank resumes the same step (the newest that all ranks have), or none does.
-        Raises `UserError` when the checkpoint was written by another number of processes."""
+        Raises `UserError` when the checkpoint was written by another number of processes.
+
+        Under torchrun the checkpoint is sharded (`training-state.dcp/`, chosen by rank 0, loaded by
+        all); the per-rank files of earlier versions are still resumed when no sharded one exists."""
+        if any(p.is_dir() for p in self._dcp_dirs()):
+            if dist.is_distributed():
+                return self._try_resume_sharded()
+            if not any(p.is_file() for p in self._ckpt_files()):
+                for path in self._dcp_dirs():
+                    meta, _ = sharded_ckpt.read_meta(path) if path.is_dir() else (None, None)
+                    if meta is not None and meta.get("world_size", 1) != 1:
+                        raise UserError(self._world_size_message(meta["world_size"]))
         cands = [p for p in self._ckpt_files() if p.is_file()]
         rank, i, damaged = dist.get_rank(), 0, False
         while True:
