@@ -163,8 +163,9 @@ def _resume_worker(rank, port, outdir, train_kw):
 
 @pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_sharded_checkpoint_resumes_exactly(tmp_path, shard):
-    from tests.helpers import make_method
     from eval.errors import UserError
+
+    from tests.helpers import make_method
     sys.path.insert(0, str(ROOT))
     mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), {"shard": shard}), nprocs=WORLD, join=True)
     for r in range(WORLD):
