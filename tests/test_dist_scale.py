@@ -183,3 +183,23 @@ def test_sharded_checkpoint_resumes_exactly(tmp_path, shard):
         Trainer(make_method(), TrainCfg(steps=7, checkpoint_every=3, shard=shard), tmp_path / "b",
                 progress=False).fit()
     assert "\n" not in str(e.value)
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+def test_new_train_keys_leave_run_specs_and_checkpoints_as_they_were():
+    from dataclasses import asdict
+
+    from tfd.config import params_spec
+    assert set(asdict(TrainCfg())) - set(params_spec(TrainCfg())) == {"bucket_cap_mb", "shard"}
+    assert params_spec(TrainCfg(shard="fsdp"))["shard"] == "fsdp"
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        TrainCfg(bucket_cap_mb=0)
+
+
+def test_precision_maps_to_torch_mixed_precision_policy():
+    from tfd import fsdp
+    assert fsdp.policy("fp32").param_dtype is None
+    bf16 = fsdp.policy("bf16")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp.policy("fp16").param_dtype == torch.float16
