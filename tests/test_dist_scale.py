@@ -39,6 +39,7 @@ def make(kind: str):
         return m
     from tfd.data import ClassBalancedSampler, digits_arrays
     from tfd.denoiser import EDMDenoiser
+    from tfd.methods.cd import CD, CDParams
     from tfd.methods.dmd2 import DMD2, DMD2Params
     from tfd.networks.edm import EDMPrecond, digits_unet_kwargs
     torch.manual_seed(123)
@@ -46,6 +47,8 @@ def make(kind: str):
                                                           attn_resolutions=[])))
     x, y = digits_arrays()
     data = ClassBalancedSampler(torch.from_numpy(x), torch.from_numpy(y), torch.Generator().manual_seed(0))
+    if kind == "cd":  # its `target` network has an optimiser that never steps
+        return CD(teacher, data, CDParams(batch_per_rank=4))
     return DMD2(teacher, data, DMD2Params(batch_per_rank=4, dfake_gen_update_ratio=2))  # generator: steps 0, 2
 
 
@@ -144,15 +147,16 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
 
 # -- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------
 
-def _resume_worker(rank, port, outdir, train_kw):
-    from tests.helpers import crash_and_resume, make_method
+def _resume_worker(rank, port, outdir, kind, train_kw):
+    from tests.helpers import crash_and_resume
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         cfg = TrainCfg(steps=6, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=2, ema_halflife_steps=2.0,
                        **train_kw)
-        ref, resumed = crash_and_resume(make_method, cfg, Path(outdir))
-        out = {"step": resumed.step, "ref": _full_weights(ref), "resumed": _full_weights(resumed)}
+        ref, resumed = crash_and_resume(lambda: make(kind), cfg, Path(outdir))
+        out = {"step": resumed.step, "ref": _full_weights(ref), "resumed": _full_weights(resumed),
+               "unstepped": sorted(k for t in (ref, resumed) for k, opt in t.opts.items() if not opt.state)}
         for name, t in (("ref_ema", ref), ("resumed_ema", resumed)):
             from tfd import fsdp
             out[name] = {n: fsdp.full(v).clone() for n, v in t.ema.state_dict().items()}
@@ -161,16 +165,16 @@ def _resume_worker(rank, port, outdir, train_kw):
         tdist.destroy_process_group()
 
 
-@pytest.mark.parametrize("shard", ["none", "fsdp"])
-def test_sharded_checkpoint_resumes_exactly(tmp_path, shard):
+@pytest.mark.parametrize("kind,shard", [("tfd", "none"), ("tfd", "fsdp"), ("cd", "none")])
+def test_sharded_checkpoint_resumes_exactly(tmp_path, kind, shard):
     from eval.errors import UserError
-
-    from tests.helpers import make_method
     sys.path.insert(0, str(ROOT))
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), {"shard": shard}), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), kind, {"shard": shard}), nprocs=WORLD, join=True)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"resume{r}.pt", weights_only=False)
         assert got["step"] == 6
+        # writing or reading a checkpoint leaves a never-stepped optimiser (CD's target) untouched
+        assert got["unstepped"] == (["target", "target"] if kind == "cd" else [])
         assert_same_weights(got["ref"], [got["resumed"]], tol=1e-7)
         assert_same_weights({"ema": got["ref_ema"]}, [{"ema": got["resumed_ema"]}], tol=1e-7)
     ckpt = tmp_path / "b" / "ckpt"
@@ -180,7 +184,7 @@ def test_sharded_checkpoint_resumes_exactly(tmp_path, shard):
     assert not list(ckpt.glob("*.pt"))  # no single-file checkpoints under torchrun
     # written by 2 processes, resumed by 1: a one-line UserError saying what to do
     with pytest.raises(UserError, match=r"2 process.*--nproc_per_node 2.*--no-resume") as e:
-        Trainer(make_method(), TrainCfg(steps=7, checkpoint_every=3, shard=shard), tmp_path / "b",
+        Trainer(make(kind), TrainCfg(steps=7, checkpoint_every=3, shard=shard), tmp_path / "b",
                 progress=False).fit()
     assert "\n" not in str(e.value)
 

@@ -331,13 +331,15 @@ class Trainer:
         """The latest and previous sharded checkpoints: `training-state.dcp/`, `training-state.prev.dcp/`."""
         return (self.ckpt_path.with_name("training-state.dcp"), self.ckpt_path.with_name("training-state.prev.dcp"))
 
-    def _dcp_tensors(self) -> dict:
+    def _dcp_tensors(self, stepped: list[str]) -> dict:
         """The tensors of a sharded checkpoint, this rank's view: weights and AdamW state by parameter
         name (`torch.distributed.checkpoint.state_dict`: sharded under FSDP2, replicated otherwise),
-        the EMA, and this rank's RNG states under `rng.rank<r>`."""
+        the EMA, and this rank's RNG states under `rng.rank<r>`. Only the optimisers named in `stepped`
+        are included: `get_optimizer_state_dict` fills an empty AdamW state by a zero step (its step
+        count would then differ from an uninterrupted run's; DPDMD's generator, CD's target)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         out = {"nets": {k: get_model_state_dict(net) for k, net in self.nets.items()},
-               "opts": {k: get_optimizer_state_dict(self.nets[k], opt) for k, opt in self.opts.items()},
+               "opts": {k: get_optimizer_state_dict(self.nets[k], self.opts[k]) for k in stepped},
                "rng": {f"rank{dist.get_rank()}": {**sharded_ckpt.rng_state(),
                                                   "data": self.method.data.generator.get_state()}}}
         if self.ema is not None:
@@ -350,8 +352,9 @@ class Trainer:
             cur.parent.mkdir(parents=True, exist_ok=True)
             if not self._keep_previous:  # an earlier run's checkpoints are no fallback for this one
                 shutil.rmtree(prev, ignore_errors=True)
-        sharded_ckpt.write(self._dcp_tensors(), self.small_state(), cur, prev if self._keep_previous else None,
-                           dist.get_rank(), dist.barrier)
+        stepped = [k for k, opt in self.opts.items() if opt.state]
+        sharded_ckpt.write(self._dcp_tensors(stepped), {**self.small_state(), "optimizers_stepped": stepped}, cur,
+                           prev if self._keep_previous else None, dist.get_rank(), dist.barrier)
         self._keep_previous = True
 
     def _choose_sharded(self) -> tuple[str, object]:
@@ -362,7 +365,8 @@ class Trainer:
         damaged = False
         for i, path in enumerate(cands):
             meta, problem = sharded_ckpt.read_meta(path)
-            missing = [k for k in CKPT_KEYS if k not in ("nets", "opts", "ema", "rng") and k not in (meta or {})]
+            missing = [k for k in (*CKPT_KEYS, "optimizers_stepped")
+                       if k not in ("nets", "opts", "ema", "rng") and k not in (meta or {})]
             if problem is None and missing:
                 problem = f"missing keys {missing}"
             if problem is not None:
@@ -397,11 +401,12 @@ class Trainer:
         if kind == "scratch":
             return False
         path, meta = arg
-        tensors = self._dcp_tensors()
+        tensors = self._dcp_tensors(meta["optimizers_stepped"])
         sharded_ckpt.load(tensors, Path(path))
         for k, net in self.nets.items():
             set_model_state_dict(net, tensors["nets"][k])
-            set_optimizer_state_dict(net, self.opts[k], tensors["opts"][k])
+        for k, osd in tensors["opts"].items():
+            set_optimizer_state_dict(self.nets[k], self.opts[k], osd)
         if self.ema is not None:
             set_model_state_dict(self.ema, tensors["ema"])
         mine = tensors["rng"][f"rank{dist.get_rank()}"]
