@@ -207,3 +207,16 @@ def test_precision_maps_to_torch_mixed_precision_policy():
     bf16 = fsdp.policy("bf16")
     assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert fsdp.policy("fp16").param_dtype == torch.float16
+
+
+@pytest.mark.slow
+def test_allreduce_memory_benchmark_runs_at_a_tiny_size():
+    import json
+    import subprocess
+    script = ROOT / "benchmarks" / "bench_allreduce_memory.py"
+    r = subprocess.run([sys.executable, str(script), "--model-channels", "16", "--bucket-cap-mb", "1"],
+                       capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads(r.stdout.strip().splitlines()[-1])["ranks"]
+    assert sorted((x["path"], x["rank"]) for x in recs) == [("bucketed", 0), ("bucketed", 1), ("old", 0), ("old", 1)]
+    assert "peak increase MB" in r.stdout
