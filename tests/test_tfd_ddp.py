@@ -95,4 +95,4 @@ def test_torchrun_distill_two_processes(tmp_path, tiny_config):
     import json
     info = json.loads((tmp_path / "run" / "train.json").read_text())
     assert info["world_size"] == 2 and info["iters"] == 3
-    assert (tmp_path / "run" / "ckpt" / "training-state-rank1.pt").is_file()
+    assert (tmp_path / "run" / "ckpt" / "training-state.dcp" / "__1_0.distcp").is_file()  # sharded checkpoint

@@ -292,7 +292,7 @@ def test_output_files_get_the_umask_mode(tmp_path, umask):
     assert oct(stat.S_IMODE((tmp_path / "ckpt").stat().st_mode)) == oct(0o777 & ~umask)
 
 
-# -- DDP: the ranks agree on the step ------------------------------------------------------------
+# -- DDP: one sharded checkpoint for all ranks (torch.distributed.checkpoint) ---------------------
 
 def _ddp_worker(rank, port, run):
     torch.set_num_threads(1)
@@ -300,10 +300,10 @@ def _ddp_worker(rank, port, run):
     try:
         run = Path(run)
         c = cfg(steps=7, log_every=7)
-        killed_at(Trainer(make_method(), c, run, progress=False), 6)  # checkpoints at 3 and 6 on both ranks
+        killed_at(Trainer(make_method(), c, run, progress=False), 6)  # checkpoints at 3 and 6
         tdist.barrier()
-        if rank == 1:  # only rank 1's latest is damaged: rank 0 must step back to 3 with it
-            _truncate(run / "ckpt" / "training-state-rank1.pt")
+        if rank == 1:  # one bit of rank 1's shard of the latest: every rank must step back to 3
+            _flip(run / "ckpt" / "training-state.dcp" / "__1_0.distcp")
         tdist.barrier()
         t = Trainer(make_method(), c, run, progress=False)
         assert t.try_resume() and t.step == 3
@@ -319,5 +319,5 @@ def test_ddp_ranks_resume_the_same_step(tmp_path):
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f"resumed{r}.pt") for r in (0, 1)] == [3, 3]
     ckpt = tmp_path / "ckpt"
-    assert (ckpt / "training-state-rank1.pt.corrupt").is_file()
-    assert torch.load(ckpt / "training-state.pt", weights_only=False)["step"] == 6  # good, kept, not resumed
+    assert (ckpt / "training-state.dcp.corrupt" / "__1_0.distcp").is_file()  # set aside, not deleted
+    assert json.loads((ckpt / "training-state.prev.dcp" / "trainer.json").read_text())["step"] == 3

@@ -308,6 +308,15 @@ class TrainCfg:
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute the trainable networks' activations in backward
                                           # (diffusers UNets: enable_gradient_checkpointing; SDXL scale)
+    # options added after runs were made: at these values they leave run specs and checkpoints as they
+    # were (`params_spec(train)`); both only say how the ranks share the work, not what is computed
+    NEW_DEFAULTS: typing.ClassVar[dict] = {"bucket_cap_mb": 25.0, "shard": "none"}
+    bucket_cap_mb: float = 25.0           # gradient all-reduce bucket size (MB, DDP's default) under torchrun
+    shard: typing.Literal["none", "fsdp"] = "none"   # fsdp: FSDP2 `fully_shard` of the trainable networks
+
+    def __post_init__(self):
+        if not self.bucket_cap_mb > 0:
+            raise ValueError(f"train.bucket_cap_mb must be > 0 (MB), got {self.bucket_cap_mb}")
 
 
 @dataclass

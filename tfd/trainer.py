@@ -2,9 +2,20 @@
 checkpoint/resume, NaN guard, `stats.jsonl` and a progress bar.
 
 A method (tfd.methods) owns networks and losses; `train_step` returns one loss per network to
-update. Gradients are averaged over ranks with one flat all-reduce per network (the arithmetic of
-DistributedDataParallel, without wrapping modules, so a method may run any network any number of
-times per step).
+update. Gradients are averaged over ranks after each network's backward, one all-reduce per bucket of
+`train.bucket_cap_mb` MB (DDP's bucketing and default, `tfd.dist.all_reduce_mean_`): the extra memory
+is one bucket, not a copy of every gradient.
+
+Why not `torch.nn.parallel.DistributedDataParallel`: its reducer only reduces the gradients of a
+backward that follows a call of the wrapper's `forward` (which arms it), and expects each armed
+network's parameters to get gradients exactly once before the next forward. The methods do not fit
+that: they call `Denoiser.denoise` / `features` (forward hooks) and submodules (DMD2's `fake.head`,
+`fake.net`), never `forward`, so a wrapper would never be armed; one step runs a network several times
+with and without grad (DMD2: fake score under no_grad for the DM target, with grad for its own loss and
+the discriminator, with `requires_grad` switched off for the generator's GAN term; few-step students
+unroll the generator), and backpropagates two losses in turn. Reducing after each network's backward
+from torch.distributed's `all_reduce` is correct for all of them; it gives up DDP's overlap of
+communication with the backward pass.
 
 Faults a cluster job meets are survived, so that a resubmitted (SLURM) job makes progress: a job
 killed at any point resumes from its last good checkpoint, and its logs hold each step once; a
@@ -16,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -27,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from eval.errors import UserError
-from tfd import dist
+from tfd import dist, fsdp, sharded_ckpt
 from tfd.config import TrainCfg, params_spec  # noqa: F401  (TrainCfg re-exported: the trainer's settings)
 from tfd.utils import (
     JsonlLogger,
@@ -146,12 +159,19 @@ def _set_aside(path: Path, tag: str) -> Path:
     while tag == "corrupt" and (dest.exists() or checksum_path(dest).exists()):
         n += 1
         dest = path.with_name(f"{path.name}.{tag}.{n}")
+    if dest.is_dir():  # a sharded checkpoint (a folder) set aside as `stale` before
+        shutil.rmtree(dest)
     os.replace(path, dest)
     if checksum_path(path).exists():
         os.replace(checksum_path(path), checksum_path(dest))
     else:
         checksum_path(dest).unlink(missing_ok=True)
     return dest
+
+
+def _plain(obj):
+    """`obj` as JSON reads it back (tuples become lists): a sharded checkpoint keeps its settings in JSON."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _gather(obj) -> list:
@@ -176,11 +196,15 @@ class Trainer:
                                         train_wall_s (s) and the `eval_fn` metrics (when given)
         run_dir/train.lock              the run folder's lock (flock, rank 0; see `tfd.utils.RunLock`)
         run_dir/train.lock.holder       who holds it: host, pid, start time (JSON; removed on release)
-        run_dir/ckpt/training-state.pt          the latest resume state: networks, optimisers, EMA, RNG,
-                                                step, config (rank 0; rank r>0: training-state-rank<r>.pt,
-                                                its RNG and a copy of the weights)
+        run_dir/ckpt/training-state.pt          one process: the latest resume state: networks, optimisers,
+                                                EMA, RNG, step, config (`torch.save`)
         run_dir/ckpt/training-state.pt.sha256   its sha256 (`sha256sum` format), written after it
         run_dir/ckpt/training-state.prev.pt     the checkpoint before the latest (+ `.sha256`): the fallback
+        run_dir/ckpt/training-state.dcp/        under torchrun: the latest, sharded (`torch.distributed.checkpoint`,
+                                                `tfd.sharded_ckpt`): every rank's shard of the weights, AdamW
+                                                state and EMA, each rank's RNG, and `trainer.json` (step,
+                                                config, world size, sha256 of every file) written last
+        run_dir/ckpt/training-state.prev.dcp/   the sharded checkpoint before the latest: the fallback
         run_dir/ckpt/<name>.corrupt[.N]         set aside on resume: unreadable, checksum mismatch or
                                                 missing keys (an older one is never replaced)
         run_dir/ckpt/<name>.stale               set aside on resume: written with other settings
@@ -188,10 +212,14 @@ class Trainer:
     Resume (`fit(resume=True)`, `try_resume`) takes the latest checkpoint that reads back whole (and
     matches its checksum, when it has one: checkpoints of older versions have none and are resumed
     unverified), falling back to `.prev`, else starting from scratch with a warning; logs are cut back
-    to the resumed step. Under DDP the ranks agree on one step. Errors: `RunBusy` (another trainer
+    to the resumed step. Under torchrun rank 0 checks the sharded checkpoints and every rank loads the
+    one it chose (per-rank `training-state-rank<r>.pt` files of earlier versions are still resumed,
+    the ranks agreeing on one step, when no sharded one exists). A checkpoint is resumed only by as
+    many processes as wrote it (the RNG streams are per rank). Errors: `RunBusy` (another trainer
     holds the folder), `eval.errors.BadFile` (folder not writable), `UserError` (resumed with another
-    number of processes), `NonFiniteLoss`; `OSError` (disk full: ENOSPC/EFBIG) from a checkpoint
-    write, which leaves no temporary file and the previous checkpoint resumable.
+    number of processes: the message says to resume with `torchrun --nproc_per_node N` or start
+    afresh), `NonFiniteLoss`; `OSError` (disk full: ENOSPC/EFBIG) from a checkpoint write, which
+    leaves no temporary file and the previous checkpoint resumable.
     """
 
     def __init__(self, method, cfg: TrainCfg, run_dir: str | Path, device="cpu",
@@ -218,38 +246,52 @@ class Trainer:
                         m.set_gradient_checkpointing(True)
         if cfg.precision != "fp32" and self.device.type != "cuda":
             raise UserError(f"precision {cfg.precision!r} needs a GPU; use fp32 on CPU")
-        self.opts = {
+        if dist.is_distributed():  # identical initial weights on every rank
+            for net in self.nets.values():
+                for p in net.parameters():
+                    torch.distributed.broadcast(p.data, 0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.ema = (copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False)
+                    if cfg.ema_halflife_steps > 0 else None)
+        # FSDP2 (`train.shard: fsdp`) under torchrun; one process has nothing to shard and trains unsharded
+        self.fsdp = cfg.shard == "fsdp" and dist.is_distributed()
+        if self.fsdp:
+            self._shapes = {"generator": fsdp.meta_copy(self.nets["generator"])}  # to rebuild full copies
+            mesh = fsdp.mesh(self.device)
+            policy = fsdp.policy(cfg.precision)
+            for net in [*self.nets.values(), *([self.ema] if self.ema is not None else [])]:
+                fsdp.shard(net, mesh, policy)
+        self.opts = {  # after sharding: FSDP2 replaces the parameters by sharded ones (DTensor)
             name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                     lr=cfg.lr_by_network.get(name, cfg.lr), betas=tuple(cfg.betas),
                                     weight_decay=cfg.weight_decay)
             for name, net in self.nets.items()}
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        self.ema = (copy.deepcopy(self.nets["generator"]).eval().requires_grad_(False)
-                    if cfg.ema_halflife_steps > 0 else None)
         self.step = 0
         self.train_wall_s = 0.0
         self.updates = {name: 0 for name in self.nets}   # optimiser steps per network (DMD2: generator every 5th)
         # The next checkpoint keeps the latest one as `.prev`: only once this run has resumed or saved one
         # (after a fresh start the files there belong to an earlier run and are not a fallback for this one).
         self._keep_previous = False
-        if dist.is_distributed():  # identical initial weights on every rank
-            for net in self.nets.values():
-                for p in net.parameters():
-                    torch.distributed.broadcast(p.data, 0)
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def small_state(self) -> dict:
+        """The resume state without tensors: step, wall time, updates, GradScaler, world size, config,
+        method, its parameters, input files, add-ons (a sharded checkpoint's `trainer.json`)."""
         return {"step": self.step, "train_wall_s": self.train_wall_s, "updates": dict(self.updates),
-                "nets": {k: v.state_dict() for k, v in self.nets.items()},
-                "opts": {k: v.state_dict() for k, v in self.opts.items()},
-                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "data": self.method.data.generator.get_state()},
                 "world_size": dist.get_world_size(), "config": asdict(self.cfg),
                 "method": self.method.name, "method_params": params_spec(self.method.params), "inputs": self.inputs,
                 "addons": self.addons.settings() if self.addons is not None else None}
+
+    def state_dict(self) -> dict:
+        """The whole resume state of one process (the single-file checkpoint)."""
+        return {**self.small_state(),
+                "nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "opts": {k: v.state_dict() for k, v in self.opts.items()},
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "data": self.method.data.generator.get_state()}}
 
     def load_state_dict(self, s: dict) -> None:
         if s["world_size"] != dist.get_world_size():
@@ -284,11 +326,105 @@ class Trainer:
         """This rank's latest checkpoint: `training-state.pt` (rank 0) or `training-state-rank<r>.pt`."""
         return self._ckpt_files()[0]
 
+    # -- sharded checkpoints (under torchrun: torch.distributed.checkpoint, tfd.sharded_ckpt) ----
+    def _dcp_dirs(self) -> tuple[Path, Path]:
+        """The latest and previous sharded checkpoints: `training-state.dcp/`, `training-state.prev.dcp/`."""
+        return (self.ckpt_path.with_name("training-state.dcp"), self.ckpt_path.with_name("training-state.prev.dcp"))
+
+    def _dcp_tensors(self, stepped: list[str]) -> dict:
+        """The tensors of a sharded checkpoint, this rank's view: weights and AdamW state by parameter
+        name (`torch.distributed.checkpoint.state_dict`: sharded under FSDP2, replicated otherwise),
+        the EMA, and this rank's RNG states under `rng.rank<r>`. Only the optimisers named in `stepped`
+        are included: `get_optimizer_state_dict` fills an empty AdamW state by a zero step (its step
+        count would then differ from an uninterrupted run's; DPDMD's generator, CD's target)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        out = {"nets": {k: get_model_state_dict(net) for k, net in self.nets.items()},
+               "opts": {k: get_optimizer_state_dict(self.nets[k], self.opts[k]) for k in stepped},
+               "rng": {f"rank{dist.get_rank()}": {**sharded_ckpt.rng_state(),
+                                                  "data": self.method.data.generator.get_state()}}}
+        if self.ema is not None:
+            out["ema"] = get_model_state_dict(self.ema)
+        return out
+
+    def _save_sharded(self) -> None:
+        cur, prev = self._dcp_dirs()
+        if dist.get_rank() == 0:
+            cur.parent.mkdir(parents=True, exist_ok=True)
+            if not self._keep_previous:  # an earlier run's checkpoints are no fallback for this one
+                shutil.rmtree(prev, ignore_errors=True)
+        stepped = [k for k, opt in self.opts.items() if opt.state]
+        sharded_ckpt.write(self._dcp_tensors(stepped), {**self.small_state(), "optimizers_stepped": stepped}, cur,
+                           prev if self._keep_previous else None, dist.get_rank(), dist.barrier)
+        self._keep_previous = True
+
+    def _choose_sharded(self) -> tuple[str, object]:
+        """Rank 0: which sharded checkpoint to resume: ("resume", (path, trainer.json)), ("scratch", None)
+        or ("error", message). Damaged ones are set aside as `.corrupt`, ones of other settings as
+        `.stale` (as the single-file checkpoints)."""
+        cands = [p for p in self._dcp_dirs() if p.is_dir()]
+        damaged = False
+        for i, path in enumerate(cands):
+            meta, problem = sharded_ckpt.read_meta(path)
+            missing = [k for k in (*CKPT_KEYS, "optimizers_stepped")
+                       if k not in ("nets", "opts", "ema", "rng") and k not in (meta or {})]
+            if problem is None and missing:
+                problem = f"missing keys {missing}"
+            if problem is not None:
+                dest = _set_aside(path, "corrupt")
+                _warn(f"{path}: damaged checkpoint, {problem}; set aside as {dest.name}")
+                damaged = True
+                continue
+            if meta["world_size"] != dist.get_world_size():
+                return "error", self._world_size_message(meta["world_size"])
+            shapes = {name: {k: torch.empty(shape, device="meta") for k, shape in
+                             sharded_ckpt.tensor_shapes(path, f"nets.{name}.").items()} for name in self.nets}
+            reason = self._stale_reason({**meta, "nets": shapes})
+            if reason is not None:
+                _warn(f"{path} was written with {reason}; starting from scratch (old checkpoint kept as "
+                      f"{path.name}.stale)")
+                for p in cands[i:]:
+                    _set_aside(p, "stale")
+                return "scratch", None
+            return "resume", (str(path), meta)
+        if damaged:
+            _warn(f"no good checkpoint left in {self.ckpt_path.parent}; starting from scratch")
+        return "scratch", None
+
+    def _try_resume_sharded(self) -> bool:
+        """Resume from the sharded checkpoint rank 0 chose (`_choose_sharded`); every rank loads it."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        choice = [self._choose_sharded() if dist.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        kind, arg = choice[0]
+        if kind == "error":
+            raise UserError(arg)
+        if kind == "scratch":
+            return False
+        path, meta = arg
+        tensors = self._dcp_tensors(meta["optimizers_stepped"])
+        sharded_ckpt.load(tensors, Path(path))
+        for k, net in self.nets.items():
+            set_model_state_dict(net, tensors["nets"][k])
+        for k, osd in tensors["opts"].items():
+            set_optimizer_state_dict(self.nets[k], self.opts[k], osd)
+        if self.ema is not None:
+            set_model_state_dict(self.ema, tensors["ema"])
+        mine = tensors["rng"][f"rank{dist.get_rank()}"]
+        sharded_ckpt.set_rng_state(mine)
+        self.method.data.generator.set_state(mine["data"])
+        self.step, self.train_wall_s, self.updates = meta["step"], meta["train_wall_s"], dict(meta["updates"])
+        self.scaler.load_state_dict(meta["scaler"])
+        self._keep_previous = True
+        dist.print0(f"resumed from {path} at step {self.step}")
+        return True
+
     def save_checkpoint(self) -> None:
-        """Write this rank's checkpoint (per-rank RNG differs, so every rank keeps its own file; rank 0's
-        also holds the weights): the latest becomes `.prev`, the new one is written atomically, then its
-        `.sha256`. Raises the OSError of a full disk (ENOSPC/EFBIG) with no temporary file left and the
+        """Under torchrun: a sharded checkpoint (`_save_sharded`, see the class docstring). In one
+        process: write `training-state.pt`: the latest becomes `.prev`, the new one is written atomically,
+        then its `.sha256`. Raises the OSError of a full disk (ENOSPC/EFBIG) with no temporary file left and the
         `.prev` checkpoint in place."""
+        if dist.is_distributed():
+            return self._save_sharded()
         state = self.state_dict()
         cur, prev = self._ckpt_files()
         cur.parent.mkdir(parents=True, exist_ok=True)
@@ -302,21 +438,22 @@ class Trainer:
         dist.barrier()
 
     # Settings that may change between a run and its resumption (e.g. extending `steps`).
-    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "eval_every")
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "eval_every", "bucket_cap_mb")
 
     def _stale_reason(self, s: dict) -> str | None:
         """Why checkpoint state `s` belongs to another run (other settings, method, parameters or
         network shapes), or None when this run can resume it."""
-        ours = {k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES}
-        theirs = {k: v for k, v in dict(s["config"]).items() if k not in self.RESUMABLE_CHANGES}
+        theirs = {**TrainCfg.NEW_DEFAULTS, **dict(s["config"])}  # checkpoints older than an option: its default
+        ours = _plain({k: v for k, v in asdict(self.cfg).items() if k not in self.RESUMABLE_CHANGES})
+        theirs = _plain({k: v for k, v in theirs.items() if k not in self.RESUMABLE_CHANGES})
         if ours != theirs:
             changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             return f"other settings ({', '.join(changed)})"
         if s.get("method") != self.method.name:
             return f"another method ({s.get('method')!r})"
-        if s.get("method_params") != params_spec(self.method.params):
+        if _plain(s.get("method_params")) != _plain(params_spec(self.method.params)):
             return "other method parameters"
-        if s.get("addons") != (self.addons.settings() if self.addons is not None else None):
+        if _plain(s.get("addons")) != _plain(self.addons.settings() if self.addons is not None else None):
             return "other add-on settings (addons)"
         theirs_in = s.get("inputs")
         if theirs_in is not None and theirs_in != self.inputs:  # older checkpoints carry none: not checked
@@ -367,7 +504,18 @@ class Trainer:
         next one tried; one written with other settings is set aside as `.stale` (with the older one)
         and the run starts from scratch; none good: from scratch, with a warning when one was damaged.
         Under DDP every rank resumes the same step (the newest that all ranks have), or none does.
-        Raises `UserError` when the checkpoint was written by another number of processes."""
+        Raises `UserError` when the checkpoint was written by another number of processes.
+
+        Under torchrun the checkpoint is sharded (`training-state.dcp/`, chosen by rank 0, loaded by
+        all); the per-rank files of earlier versions are still resumed when no sharded one exists."""
+        if any(p.is_dir() for p in self._dcp_dirs()):
+            if dist.is_distributed():
+                return self._try_resume_sharded()
+            if not any(p.is_file() for p in self._ckpt_files()):
+                for path in self._dcp_dirs():
+                    meta, _ = sharded_ckpt.read_meta(path) if path.is_dir() else (None, None)
+                    if meta is not None and meta.get("world_size", 1) != 1:
+                        raise UserError(self._world_size_message(meta["world_size"]))
         cands = [p for p in self._ckpt_files() if p.is_file()]
         rank, i, damaged = dist.get_rank(), 0, False
         while True:
@@ -406,9 +554,15 @@ class Trainer:
             if mine["step"] > low:  # another rank lacks this step: try this rank's older checkpoint
                 state, i = None, i + 1
 
+    def exported_net(self) -> torch.nn.Module:
+        """The generator to export or evaluate (its EMA when enabled); under FSDP an unsharded copy
+        gathered from the shards (a collective: every rank calls it)."""
+        net = self.ema if self.ema is not None else self.nets["generator"]
+        return fsdp.full_copy(net, self._shapes["generator"]) if self.fsdp else net
+
     def export_generator(self) -> Path:
         """Write the generator (its EMA when enabled) with its own `save()` (rank 0)."""
-        net = self.ema if self.ema is not None else self.nets["generator"]
+        net = self.exported_net()
         out = self.run_dir / "generator.safetensors"
         if dist.get_rank() == 0:
             net.save(out)
@@ -419,18 +573,12 @@ class Trainer:
         return min(1.0, (self.step + 1) / max(self.cfg.warmup_steps, 1))
 
     def _allreduce_grads(self, net: torch.nn.Module) -> None:
-        if not dist.is_distributed():
+        """Average `net`'s gradients over ranks in place, one all-reduce per `bucket_cap_mb` bucket
+        (`tfd.dist.all_reduce_mean_`; the gradients in reverse parameter order, as DDP's buckets)."""
+        if self.fsdp:  # FSDP2 reduce-scattered (averaged) them in the backward pass
             return
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= dist.get_world_size()
-        i = 0
-        for g in grads:
-            g.copy_(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
+        dist.all_reduce_mean_(grads[::-1], self.cfg.bucket_cap_mb)
 
     def _step_network(self, name: str, loss: torch.Tensor, metrics: dict) -> None:
         """Backward, all-reduce, unscale, clip, warm-up lr and one optimiser step of one network.
@@ -448,7 +596,7 @@ class Trainer:
         self.scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
-            metrics[f"grad_norm/{name}"] = float(norm)
+            metrics[f"grad_norm/{name}"] = float(fsdp.full(norm))
         for g in opt.param_groups:
             g["lr"] = self.cfg.lr_by_network.get(name, self.cfg.lr) * self._lr_scale()
         self.scaler.step(opt)
@@ -494,9 +642,10 @@ class Trainer:
     def _record_convergence(self, conv) -> None:
         """One point of the convergence record: the eval_fn's FID of the generator (its EMA when
         enabled) at this iteration, with the generator update count and the training wall time."""
-        net = self.ema if self.ema is not None else self.nets["generator"]
-        conv.write({"step": self.step, "generator_updates": self.updates["generator"],
-                    "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
+        net = self.exported_net()  # every rank (FSDP gathers); rank 0 evaluates and writes
+        if conv is not None:
+            conv.write({"step": self.step, "generator_updates": self.updates["generator"],
+                        "train_wall_s": self.train_wall_s, **self.eval_fn(net, self.step)})
 
     def _claim_run_dir(self) -> RunLock | None:
         """Rank 0 checks that the run and checkpoint folders are writable (`BadFile` otherwise) and locks
@@ -551,10 +700,9 @@ class Trainer:
         upto = self.step if self.step > 0 else None
         log = JsonlLogger(self.run_dir / "stats.jsonl", resume_step=upto) if rank0 else None
         conv = JsonlLogger(self.run_dir / "convergence.jsonl", resume_step=upto) if rank0 else None
-        recording = self.eval_fn is not None and cfg.eval_every > 0 and conv is not None
+        recording = self.eval_fn is not None and cfg.eval_every > 0 and (conv is not None or self.fsdp)
         if recording and self.step == 0:  # the initial generator (the EMA equals it at step 0)
-            conv.write({"step": 0, "generator_updates": 0, "train_wall_s": 0.0,
-                        **self.eval_fn(self.nets["generator"], 0)})
+            self._record_convergence(conv)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method.name}",
                    disable=not self.progress, mininterval=2)
         acc: dict[str, float] = {}
