@@ -120,6 +120,8 @@ def run_block(run) -> dict:
         d.pop("addons", None)
     if run.params is not None:
         d["params"] = params_spec(run.params)
+    if run.train is not None:  # train keys added later (bucket_cap_mb, shard) likewise
+        d["train"] = params_spec(run.train)
     return d
 
 
