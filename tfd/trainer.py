@@ -588,10 +588,14 @@ class Trainer:
         generator GAN term through the fake score) leaves that network's `.grad` untouched and its
         weight gradients are never computed. This replaces flipping `requires_grad` around the
         forward, which gradient checkpointing cannot follow: its recomputation in backward would
-        see the parameters trainable again and build a different graph (CheckpointError)."""
+        see the parameters trainable again and build a different graph (CheckpointError).
+        Under FSDP2 (`train.shard: fsdp`) the sharded parameters are not leaves of the graph (FSDP's
+        hooks reduce-scatter the unsharded gradients into them), so the backward is plain: another
+        network's stray gradients are cleared by its own step's `zero_grad` before its backward."""
         net, opt = self.nets[name], self.opts[name]
         opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward(inputs=[q for g in opt.param_groups for q in g["params"]])
+        own = None if self.fsdp else [q for g in opt.param_groups for q in g["params"]]
+        self.scaler.scale(loss).backward(inputs=own)
         self._allreduce_grads(net)
         self.scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:
