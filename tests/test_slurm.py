@@ -342,6 +342,18 @@ def _mb(text: str) -> int:
     return round(float(text[:-1]) * {"M": 1, "G": 1024, "T": 1024 ** 2}[text[-1]])
 
 
+def _through_slurm(snakemake: list, ci, target: str, env: dict, slurm_cluster):
+    """Run `snakemake` (its command up to the working directory) with the slurm profile and the test's
+    overlay profile `ci` on `target`; fails the test, with the cluster's logs, after RUN_TIMEOUT s."""
+    try:
+        return subprocess.run([*snakemake, "--profile", str(PROFILE), "--profile", str(ci), "--cores", "8", target],
+                              capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
+                    f"{slurm_cluster.logs()}")
+
+
 @pytest.mark.slow
 def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_config):
     cfg = tiny_config
@@ -366,15 +378,8 @@ def test_tiny_dag_through_slurm(tmp_path, slurm_cluster, monkeypatch, tiny_confi
     monkeypatch.chdir(tmp_path)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     t0 = time.time()
-    try:
-        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
-                            "--directory", str(tmp_path), "--profile", str(PROFILE), "--profile", str(ci),
-                            "--cores", "8", "results/table1.csv"],
-                           capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
-                    f"{slurm_cluster.logs()}")
+    r = _through_slurm([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                        str(tmp_path)], ci, "results/table1.csv", env, slurm_cluster)
     out = r.stdout + r.stderr
     wall = time.time() - t0
     assert r.returncode == 0, out[-6000:] + "\n" + slurm_cluster.logs()
@@ -430,13 +435,7 @@ def test_distill_srun_torchrun_rendezvous_through_slurm(tmp_path, slurm_cluster,
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     snakemake = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
     t0 = time.time()
-    try:
-        r = subprocess.run([*snakemake, "--profile", str(PROFILE), "--profile", str(ci), "--cores", "8", str(gen)],
-                           capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        pytest.fail(f"snakemake through SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}\n"
-                    f"{slurm_cluster.logs()}")
+    r = _through_slurm(snakemake, ci, str(gen), env, slurm_cluster)
     out = r.stdout + r.stderr
     log = tmp_path / "logs/digits/distill_tfd_tfd.log"
     assert r.returncode == 0, out[-6000:] + "\n" + (log.read_text()[-3000:] if log.exists() else "") + \
