@@ -234,3 +234,32 @@ def test_publish_refuses_an_overlay_config(tmp_path, run_snakemake):
     r = run_snakemake(tmp_path, "-n", "publish", "--configfile", str(TINY_CONFIG))
     assert r.returncode != 0 and "refusing" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     assert not (tmp_path / "docs").exists() and not (tmp_path / "results").exists()
+
+
+def test_extended_sweeps_stay_out_of_all(tmp_path, run_snakemake):
+    """config.yaml's sweeps with `in_all: false` (the default DAG's time budget) are built by
+    `snakemake extended`, not `all`; publish copies one only once it was built."""
+    from tfd.config import load_config
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    cfg = load_config(ROOT / "config.yaml")
+    extended = [a for b in cfg.active for a, abl in cfg.bench(b).ablations.items() if not abl.in_all]
+    assert {"layers", "t2i_layers", "t2i_seed"} == set(extended)
+
+    def dry(*targets):
+        r = run_snakemake(tmp_path, "-n", *targets)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return r.stdout + r.stderr
+
+    out = dry("all")
+    assert "ablation_feature_noise.csv" in out and "ablation_lambda_anchor.csv" in out
+    for a in extended:
+        assert f"ablation_{a}." not in out and f"/{a}__" not in out, a
+    out = dry("extended")
+    for a in extended:
+        assert f"results/ablation_{a}.csv" in out and f"results/figures/ablation_{a}.png" in out, a
+    assert "/layers__bottleneck_dec_6@s2/generator.safetensors" in out and "/t2i_seed__2/generator" in out
+    assert "ablation_layers.manifest.json" not in dry("publish")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/ablation_layers.csv").write_text("variant\n")  # built by `extended`: published
+    out = dry("publish")
+    assert "results/ablation_layers.manifest.json" in out and "ablation_t2i_seed" not in out

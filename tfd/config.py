@@ -441,6 +441,7 @@ class AblationCfg:
     diversity: Optional[DiversityCfg] = None
     seeds: Optional[list[int]] = None                          # training replicas of each variant (default: base's)
     compare: list[str] = field(default_factory=list)           # metrics also tested against the base run
+    in_all: bool = True                                        # built by `snakemake all`; false: by `extended`
     # [(label, run name)] per value, filled in by the expansion (not a config key)
     variants: list[tuple[str, str]] = field(default_factory=list, init=False)
 

@@ -57,6 +57,10 @@ for _b in CFG.active:
                                 "(each renders results/ablation_<name>.csv)")
         ABLATION_BENCH[_a] = _b
 ABLATIONS = {a: BENCHES[b].ablations[a] for a, b in ABLATION_BENCH.items()}
+# `snakemake all` builds the sweeps with `in_all` (the default); `snakemake extended` the others (sweeps left out
+# of the default DAG's time budget), beside the methods table.
+ALL_ABLATIONS = [a for a, abl in ABLATIONS.items() if abl.in_all]
+EXTENDED_ABLATIONS = [a for a, abl in ABLATIONS.items() if not abl.in_all]
 EVAL_CFG = BENCH_CFG.eval
 METRICS = EVAL_CFG.metrics
 BENCH_DIR = f"results/{BENCH}"          # every artifact of a benchmark lives below results/<bench>/
@@ -567,8 +571,21 @@ def manifest_inputs(wildcards, input):
                     if k in input.keys() and input[k])
 
 
-def diversity_ablations():
-    return [n for n, a in ABLATIONS.items() if a.diversity is not None and BENCHES[ABLATION_BENCH[n]].task != "text"]
+def diversity_ablations(names=None):
+    """The sweeps among `names` (default: every sweep) with a diversity figure (class benchmarks only)."""
+    return [n for n in (ABLATIONS if names is None else names)
+            if ABLATIONS[n].diversity is not None and BENCHES[ABLATION_BENCH[n]].task != "text"]
+
+
+def ablation_figures(names):
+    """The figures of the sweeps `names`: ablation_<name>.png/.pdf, and diversity_<name>.png/.pdf where asked."""
+    return ([f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in names for ext in ("png", "pdf")]
+            + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations(names) for ext in ("png", "pdf")])
+
+
+def ablation_outputs(names):
+    """The tables (results/ablation_<name>.csv/.html) and figures of the sweeps `names`."""
+    return [f"results/ablation_{a}.{ext}" for a in names for ext in ("csv", "html")] + ablation_figures(names)
 
 
 def diversity_samples(wildcards):
@@ -591,8 +608,7 @@ def all_figures():
     return ([f"{FIGURES_DIR}/convergence.png", f"{FIGURES_DIR}/convergence.pdf"]
             + ([f"{FIGURES_DIR}/modes_{MODES_BENCH}.{ext}" for ext in ("png", "pdf")] if MODES_CFG is not None else [])
             + [f"{FIGURES_DIR}/samples_{r}.{ext}" for r in scored_rows(table1_runs()) for ext in ("png", "pdf")]
-            + [f"{FIGURES_DIR}/ablation_{a}.{ext}" for a in ABLATIONS for ext in ("png", "pdf")]
-            + [f"{FIGURES_DIR}/diversity_{a}.{ext}" for a in diversity_ablations() for ext in ("png", "pdf")]
+            + ablation_figures(ALL_ABLATIONS)
             + ([f"{FIGURES_DIR}/table2_prompts.{ext}" for ext in ("png", "pdf")] if TEXT_CFG is not None else []))
 
 

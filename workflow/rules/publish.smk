@@ -13,11 +13,15 @@ PUBLISHED = (
     + ["results/convergence.csv"]
     + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
     + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
-    + [f"results/ablation_{a}{x}" for a in ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
+    + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
     + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
-    # the methods table is outside `all` (`snakemake methods`): published when it was built, kept up to date then
+    # `snakemake extended` (outside `all`): the methods table and the other sweeps, each published when it was
+    # built, and kept up to date then (a built one is an input: publish reruns what changed)
     + ([f"results/table_methods{x}" for x in TABLE_FILES]
        if BENCH_CFG.table_methods and os.path.exists("results/table_methods.csv") else [])
+    + [f for a in EXTENDED_ABLATIONS if os.path.exists(f"results/ablation_{a}.csv")
+       for f in [*(f"results/ablation_{a}{x}" for x in (*TABLE_FILES, "_curves.csv")),
+                 *(f for f in ablation_figures([a]) if f.endswith(".png"))]]
 )
 KEEP = {*PUBLISHED, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)
 
