@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,7 +198,30 @@ def test_save_load_roundtrip(den, tmp_path):
         assert not torch.equal(loaded(x, 2.0, cond), den(x, 2.0, cond))
     from eval.io import read_safetensors_metadata
     meta = read_safetensors_metadata(path)
-    assert meta["format"] == FORMAT and meta["pipeline"] == den.pipeline_folder
+    assert meta["format"] == FORMAT and (path.parent / meta["pipeline"]).resolve() == Path(den.pipeline_folder)
+
+
+def test_saved_generator_bytes_do_not_depend_on_the_checkout_path(den, tmp_path):
+    """The file names its base pipeline relative to itself: the same run in two checkouts writes the
+    same bytes, and a results tree moved as a whole still loads (What reproduces, in the README)."""
+    import shutil
+    gen = den.copy()
+    files = []
+    for where in ("a", "b/deeper"):
+        root = tmp_path / where
+        shutil.copytree(den.pipeline_folder, root / "results/teacher/pipeline")
+        moved = load_diffusers_denoiser(root / "results/teacher/pipeline")
+        gen.pipeline_folder = moved.pipeline_folder
+        files.append(root / "results/run/generator.safetensors")
+        files[-1].parent.mkdir(parents=True)
+        gen.save(files[-1])
+    assert files[0].read_bytes() == files[1].read_bytes()
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    loaded = load_denoiser(tmp_path / "moved/results/run/generator.safetensors", what="generator")
+    assert Path(loaded.pipeline_folder) == (tmp_path / "moved/results/teacher/pipeline").resolve()
+    shutil.rmtree(tmp_path / "moved/results/teacher")
+    with pytest.raises(FileNotFoundError, match="base pipeline folder .*teacher/pipeline .*is missing"):
+        load_denoiser(tmp_path / "moved/results/run/generator.safetensors", what="generator")
 
 
 def test_v_prediction(folder, ref):

@@ -157,9 +157,10 @@ def test_publish_copies_what_the_readme_shows(tiny_dag, tiny_config, run_snakema
         assert (pub / f).read_bytes() == (root / "results" / f).read_bytes(), f
     shown = set(re.findall(r"docs/results/([\w/.]+\.(?:png|md|csv))", (ROOT / "README.md").read_text()))
     # every file the README shows, on the tiny config's runs; the known-modes table, which the tiny config
-    # turns off (modes_benchmark: null), is published by the default run: there, it must be committed
+    # turns off (modes_benchmark: null), is published by the default run, and the methods table by
+    # `snakemake extended`: those must be committed
     assert tiny_config.get("modes_benchmark") is None
-    modes = {f for f in shown if re.fullmatch(r"(table_modes\.\w+|figures/modes_\w+\.png)", f)}
+    modes = {f for f in shown if re.fullmatch(r"(table_modes\.\w+|figures/modes_\w+\.png|table_methods\.\w+)", f)}
     assert shown and shown - modes <= want, shown - modes - want
     assert all((ROOT / "docs/results" / f).is_file() for f in modes), modes
     assert sorted((p, p.stat().st_mtime_ns) for p in (ROOT / "docs/results").rglob("*")) == committed
@@ -258,8 +259,17 @@ def test_extended_sweeps_stay_out_of_all(tmp_path, run_snakemake):
     for a in extended:
         assert f"results/ablation_{a}.csv" in out and f"results/figures/ablation_{a}.png" in out, a
     assert "/layers__bottleneck_dec_6@s2/generator.safetensors" in out and "/t2i_seed__2/generator" in out
-    assert "ablation_layers.manifest.json" not in dry("publish")
+
+    def published(*targets):  # the publish job's inputs: what it copies
+        m = re.search(r"rule publish:\n\s+input: ([^\n]+)", dry(*targets))
+        assert m, targets
+        return set(m.group(1).split(", "))
+
+    assert not any("ablation_layers" in f or "table_methods" in f for f in published("publish"))
     (tmp_path / "results").mkdir()
     (tmp_path / "results/ablation_layers.csv").write_text("variant\n")  # built by `extended`: published
-    out = dry("publish")
-    assert "results/ablation_layers.manifest.json" in out and "ablation_t2i_seed" not in out
+    got = published("publish")
+    assert {"results/ablation_layers.manifest.json", "results/figures/ablation_layers.png"} <= got
+    assert not any("t2i_seed" in f or "table_methods" in f for f in got)
+    got = published("extended", "publish")  # in one command: publish waits for what `extended` makes
+    assert {"results/table_methods.md", "results/ablation_t2i_seed_curves.csv"} <= got

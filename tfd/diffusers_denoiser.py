@@ -27,7 +27,8 @@ the UNet is a registered submodule, so `parameters()`, `state_dict()` and optimi
 alone. They stay on the device they were loaded on; outputs are moved to the UNet's device.
 
 Files: `save()` writes the UNet weights with metadata `format` "tfd.diffusers_unet.v1", the UNet
-config and the base pipeline folder (text encoders, VAE and scheduler come from there);
+config and the base pipeline folder relative to the file (text encoders, VAE and scheduler come
+from there);
 `load_denoiser` reads it once this module is imported (it registers the format at import).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -396,15 +398,20 @@ class DiffusersDenoiser(Denoiser):
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """The UNet's weights (in their dtype) as safetensors, atomically (`eval.io`), with metadata
-        `format` FORMAT, `unet_config` (diffusers config dict) and `pipeline` (the absolute base
-        pipeline folder). ValueError when the denoiser was not loaded from a folder."""
+        `format` FORMAT, `unet_config` (diffusers config dict) and `pipeline`: the base pipeline
+        folder relative to the file's folder (so the file's bytes do not depend on where the checkout
+        lives, and a results tree moved as a whole still loads; absolute where no relative path
+        exists, e.g. another drive). UserError when the denoiser was not loaded from a folder."""
         if self.pipeline_folder is None:
             raise UserError(f"cannot save {path}: this DiffusersDenoiser has no base pipeline folder "
                              "(build it with load_diffusers_denoiser)")
+        try:
+            pipeline = Path(os.path.relpath(self.pipeline_folder, Path(path).resolve().parent)).as_posix()
+        except ValueError:  # no relative path between them (Windows drives)
+            pipeline = self.pipeline_folder
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
         config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
-        atomic_save_safetensors(tensors, path, {"format": FORMAT, "unet_config": config,
-                                                "pipeline": self.pipeline_folder,
+        atomic_save_safetensors(tensors, path, {"format": FORMAT, "unet_config": config, "pipeline": pipeline,
                                                 "prediction_type": self.prediction_type})
 
 
@@ -429,6 +436,8 @@ def load_diffusers_unet_file(path: str | Path, device="cpu", dtype=torch.float32
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     folder = Path(meta.get("pipeline") or "")
+    if meta.get("pipeline") and not folder.is_absolute():  # relative to the file's folder (`save`)
+        folder = path.resolve().parent / folder
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: its base pipeline folder {folder} (metadata 'pipeline') is missing")
     parts = load_pipeline_components(folder, device, dtype, vae_dtype, load_unet=False)

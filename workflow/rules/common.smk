@@ -627,7 +627,7 @@ def published_inputs(wildcards):
         raise WorkflowError(f"publish copies the benchmark of ./config.yaml into {PUBLISH_DIR}/, but this run "
                             f"merges {', '.join(overlays)} over it; refusing (run `snakemake --cores 2 all "
                             "publish` with the config file alone)")
-    return PUBLISHED  # defined in publish.smk
+    return published_files()  # defined in publish.smk
 
 
 

@@ -8,22 +8,28 @@ import shutil
 
 PUBLISH_DIR = "docs/results"
 TABLE_FILES = (".csv", ".md", ".html", ".manifest.json", "_replicas.csv")  # _replicas: tfd.tables.write_replicas
-PUBLISHED = (
-    [f"results/table1{x}" for x in TABLE_FILES]
-    + ["results/convergence.csv"]
-    + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
-    + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
-    + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
-    + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
-    # `snakemake extended` (outside `all`): the methods table and the other sweeps, each published when it was
-    # built, and kept up to date then (a built one is an input: publish reruns what changed)
-    + ([f"results/table_methods{x}" for x in TABLE_FILES]
-       if BENCH_CFG.table_methods and os.path.exists("results/table_methods.csv") else [])
-    + [f for a in EXTENDED_ABLATIONS if os.path.exists(f"results/ablation_{a}.csv")
-       for f in [*(f"results/ablation_{a}{x}" for x in (*TABLE_FILES, "_curves.csv")),
-                 *(f for f in ablation_figures([a]) if f.endswith(".png"))]]
-)
-KEEP = {*PUBLISHED, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)
+
+
+def published_files():
+    """What `publish` copies: the default DAG's tables (+ manifests, per-replica values, curves) and
+    PNG figures, and what `snakemake extended` makes (the methods table, the `in_all: false` sweeps)
+    once built, or when `extended` is a target of the same command (`snakemake extended publish`):
+    a built one is an input, so publish reruns what changed."""
+    targets = getattr(getattr(workflow, "dag_settings", None), "targets", None) or ()
+    extended = "extended" in targets
+    return (
+        [f"results/table1{x}" for x in TABLE_FILES]
+        + ["results/convergence.csv"]
+        + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
+        + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
+        + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
+        + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
+        + ([f"results/table_methods{x}" for x in TABLE_FILES]
+           if BENCH_CFG.table_methods and (extended or os.path.exists("results/table_methods.csv")) else [])
+        + [f for a in EXTENDED_ABLATIONS if extended or os.path.exists(f"results/ablation_{a}.csv")
+           for f in [*(f"results/ablation_{a}{x}" for x in (*TABLE_FILES, "_curves.csv")),
+                     *(f for f in ablation_figures([a]) if f.endswith(".png"))]]
+    )
 
 
 localrules:
@@ -36,6 +42,7 @@ rule publish:
     log:
         "logs/publish.log",
     run:
+        keep = {*input, "results/figures"}  # what copytree takes from results/ (it walks into results/figures only)
         shutil.rmtree(PUBLISH_DIR, ignore_errors=True)  # a mirror: nothing stale stays
-        shutil.copytree("results", PUBLISH_DIR, ignore=lambda d, names: [n for n in names if f"{d}/{n}" not in KEEP])
+        shutil.copytree("results", PUBLISH_DIR, ignore=lambda d, names: [n for n in names if f"{d}/{n}" not in keep])
         shell("ls -lR {PUBLISH_DIR} > {log}")
