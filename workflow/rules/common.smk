@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -617,6 +618,31 @@ def out_stem(wildcards, output):
     return output.png[:-len(".png")]
 
 
+TABLE_FILES = (".csv", ".md", ".html", ".manifest.json", "_replicas.csv")  # _replicas: tfd.tables.write_replicas
+
+
+def published_files():
+    """What `publish` copies: the default DAG's tables (+ manifests, per-replica values, curves) and
+    PNG figures, and what `snakemake extended` makes (the methods table, the `in_all: false` sweeps)
+    once built, or when `extended` is a target of the same command (`snakemake extended publish`):
+    a built one is an input, so publish reruns what changed."""
+    targets = getattr(getattr(workflow, "dag_settings", None), "targets", None) or ()
+    extended = "extended" in targets
+    return (
+        [f"results/table1{x}" for x in TABLE_FILES]
+        + ["results/convergence.csv"]
+        + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
+        + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
+        + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
+        + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
+        + ([f"results/table_methods{x}" for x in TABLE_FILES]
+           if BENCH_CFG.table_methods and (extended or os.path.exists("results/table_methods.csv")) else [])
+        + [f for a in EXTENDED_ABLATIONS if extended or os.path.exists(f"results/ablation_{a}.csv")
+           for f in [*(f"results/ablation_{a}{x}" for x in (*TABLE_FILES, "_curves.csv")),
+                     *(f for f in ablation_figures([a]) if f.endswith(".png"))]]
+    )
+
+
 def published_inputs(wildcards):
     """The files to publish; refuses (when the DAG is built, before any job runs) a run whose
     config merges an overlay over ./config.yaml, e.g. the tiny .test/config.yaml: its numbers are
@@ -627,7 +653,7 @@ def published_inputs(wildcards):
         raise WorkflowError(f"publish copies the benchmark of ./config.yaml into {PUBLISH_DIR}/, but this run "
                             f"merges {', '.join(overlays)} over it; refusing (run `snakemake --cores 2 all "
                             "publish` with the config file alone)")
-    return published_files()  # defined in publish.smk
+    return published_files()
 
 
 
