@@ -50,5 +50,5 @@ localrules:
 
 rule extended:
     input:
-        ["results/table_methods.csv", "results/table_methods.html"] if BENCH_CFG.table_methods else [],
+        rules.methods.input if BENCH_CFG.table_methods else [],
         ablation_outputs(EXTENDED_ABLATIONS),

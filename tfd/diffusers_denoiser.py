@@ -436,7 +436,7 @@ def load_diffusers_unet_file(path: str | Path, device="cpu", dtype=torch.float32
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     folder = Path(meta.get("pipeline") or "")
-    if meta.get("pipeline") and not folder.is_absolute():  # relative to the file's folder (`save`)
+    if meta.get("pipeline"):  # relative to the file's folder (`save`); an absolute path stays as it is
         folder = path.resolve().parent / folder
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: its base pipeline folder {folder} (metadata 'pipeline') is missing")

@@ -627,20 +627,15 @@ def published_files():
     once built, or when `extended` is a target of the same command (`snakemake extended publish`):
     a built one is an input, so publish reruns what changed."""
     targets = getattr(getattr(workflow, "dag_settings", None), "targets", None) or ()
-    extended = "extended" in targets
-    return (
-        [f"results/table1{x}" for x in TABLE_FILES]
-        + ["results/convergence.csv"]
-        + ([f"results/table2{x}" for x in TABLE_FILES] if TEXT_BENCH else [])
-        + ([f"results/table_modes{x}" for x in TABLE_FILES] if MODES_BENCH else [])
-        + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS for x in (*TABLE_FILES, "_curves.csv")]
-        + [f for f in all_figures() if f.endswith(".png")]  # the README shows the PNGs (the PDFs stay in results/)
-        + ([f"results/table_methods{x}" for x in TABLE_FILES]
-           if BENCH_CFG.table_methods and (extended or os.path.exists("results/table_methods.csv")) else [])
-        + [f for a in EXTENDED_ABLATIONS if extended or os.path.exists(f"results/ablation_{a}.csv")
-           for f in [*(f"results/ablation_{a}{x}" for x in (*TABLE_FILES, "_curves.csv")),
-                     *(f for f in ablation_figures([a]) if f.endswith(".png"))]]
-    )
+    built = lambda f: "extended" in targets or os.path.exists(f)  # noqa: E731
+    tables = (["table1"] + (["table2"] if TEXT_BENCH else []) + (["table_modes"] if MODES_BENCH else [])
+              + (["table_methods"] if BENCH_CFG.table_methods and built("results/table_methods.csv") else []))
+    extra = [a for a in EXTENDED_ABLATIONS if built(f"results/ablation_{a}.csv")]
+    return ([f"results/{t}{x}" for t in tables for x in TABLE_FILES]
+            + ["results/convergence.csv"]
+            + [f"results/ablation_{a}{x}" for a in ALL_ABLATIONS + extra for x in (*TABLE_FILES, "_curves.csv")]
+            # the README shows the PNGs (the PDFs stay in results/)
+            + [f for f in all_figures() + ablation_figures(extra) if f.endswith(".png")])
 
 
 def published_inputs(wildcards):
